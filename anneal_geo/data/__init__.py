@@ -1,0 +1,1 @@
+"""anneal_geo.data"""
