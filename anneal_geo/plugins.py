@@ -94,6 +94,7 @@ class PluginInfo:
 
 
 _registered: dict[str, dict[str, type]] = {group: {} for group in GROUPS}
+_warned: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
 
 
 def _check_group(group: str) -> str:
@@ -145,7 +146,9 @@ def _deduplicate(infos: Iterable[PluginInfo]) -> list[PluginInfo]:
         unique = {(c.distribution, c.target): c for c in candidates}
         ordered = sorted(unique.values(), key=_precedence)
         winner = ordered[0]
-        if len(ordered) > 1:
+        clash = (winner.group, name, tuple((c.distribution, c.target) for c in ordered))
+        if len(ordered) > 1 and clash not in _warned:
+            _warned.add(clash)
             losers = ", ".join(f"{c.target} ({c.distribution})" for c in ordered[1:])
             warnings.warn(
                 f"{winner.group[:-1]} plugin name '{name}' is declared more than once; "
@@ -167,6 +170,7 @@ def refresh() -> None:
     """Forget the cached listing, so newly installed plugins are found."""
     _discovered.cache_clear()
     _load_target.cache_clear()
+    _warned.clear()
 
 
 def available(group: str) -> list[PluginInfo]:
