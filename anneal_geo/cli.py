@@ -174,9 +174,7 @@ def _row(record: dict[str, Any]) -> str:
 
 
 def _header() -> str:
-    return "  ".join(
-        label.rjust(max(len(label), len(fmt.format(0)))) for _, label, fmt in _COLUMNS
-    )
+    return "  ".join(label.rjust(max(len(label), len(fmt.format(0)))) for _, label, fmt in _COLUMNS)
 
 
 def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
@@ -202,7 +200,9 @@ def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
     engine.close()
     done = len(session.history())
     if done < 1 + session.config.rounds:
-        typer.echo(f"paused after {done} rounds; continue with `anneal-geo resume {session.directory}`")
+        typer.echo(
+            f"paused after {done} rounds; continue with `anneal-geo resume {session.directory}`"
+        )
     elif records:
         last = records[-1]
         typer.echo(
@@ -214,20 +214,31 @@ def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
 @app.command("run")
 def run(
     data: Path | None = typer.Option(
-        None, help="Class-per-folder directory, BigEarthNet folder or pool directory "
-        "(default: the EuroSAT-MS sample in sample_tiles/)."
+        None,
+        help="Class-per-folder directory, BigEarthNet folder or pool directory "
+        "(default: the EuroSAT-MS sample in sample_tiles/).",
     ),
-    estimator: str = typer.Option("mgue", help="Uncertainty estimator plugin (mgue, bcgue, random, ...)."),
-    selector: str = typer.Option("kmeans", help="Diversity selector plugin (kmeans, topk, random, ...)."),
-    backbone: str = typer.Option("spectral", help="Backbone plugin (spectral, smallcnn, resnet18, ...)."),
-    annotator: str = typer.Option("oracle", help="Annotator plugin (oracle = simulated from labels)."),
+    estimator: str = typer.Option(
+        "mgue", help="Uncertainty estimator plugin (mgue, bcgue, random, ...)."
+    ),
+    selector: str = typer.Option(
+        "kmeans", help="Diversity selector plugin (kmeans, topk, random, ...)."
+    ),
+    backbone: str = typer.Option(
+        "spectral", help="Backbone plugin (spectral, smallcnn, resnet18, ...)."
+    ),
+    annotator: str = typer.Option(
+        "oracle", help="Annotator plugin (oracle = simulated from labels)."
+    ),
     rounds: int = typer.Option(5, help="Active-learning rounds after the initial set."),
     budget: int = typer.Option(100, help="Pairs asked per round (b)."),
     initial: int = typer.Option(100, help="Pairs in the initial set (b0)."),
     seed: int = typer.Option(0, help="Seed of every random source."),
     out: Path | None = typer.Option(None, help="Session directory (default: runs/<settings>)."),
     candidates: str = typer.Option("auto", help="Candidate pairs: auto, exhaustive or knn."),
-    train_mode: str = typer.Option("head", help="head (cached trunk features) or full fine-tuning."),
+    train_mode: str = typer.Option(
+        "head", help="head (cached trunk features) or full fine-tuning."
+    ),
     epochs: int = typer.Option(30, help="Training epochs per round."),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
@@ -246,13 +257,24 @@ def run(
             "directory, a BigEarthNet folder or a pool directory"
         )
     config = SessionConfig(
-        data=str(source.resolve()), estimator=estimator, selector=selector, backbone=backbone,
-        annotator=annotator, rounds=rounds, budget=budget, initial=initial, seed=seed,
-        candidates=candidates, train_mode=train_mode, epochs=epochs,
+        data=str(source.resolve()),
+        estimator=estimator,
+        selector=selector,
+        backbone=backbone,
+        annotator=annotator,
+        rounds=rounds,
+        budget=budget,
+        initial=initial,
+        seed=seed,
+        candidates=candidates,
+        train_mode=train_mode,
+        epochs=epochs,
         bands=_split_bands(bands),
         annotator_options={"noise": noise} if annotator == "oracle" and noise else {},
     ).validate()
-    out_dir = out if out is not None else Path("runs") / f"{estimator}-{selector}-{backbone}-seed{seed}"
+    out_dir = (
+        out if out is not None else Path("runs") / f"{estimator}-{selector}-{backbone}-seed{seed}"
+    )
     pool = _load_pool(source)
     is_pool_dir = (source / "pool.json").is_file()
     meta: dict[str, Any] = {"pool_dir": str(source.resolve())} if is_pool_dir else {}

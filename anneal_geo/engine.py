@@ -177,8 +177,10 @@ def initial_pairs(
         random_pairs.append(draw)
         taken.update(keys.tolist())
         need -= draw.shape[0]
-    pairs = np.concatenate([*chosen, *random_pairs]) if chosen or random_pairs else np.zeros(
-        (0, 2), dtype=np.int64
+    pairs = (
+        np.concatenate([*chosen, *random_pairs])
+        if chosen or random_pairs
+        else np.zeros((0, 2), dtype=np.int64)
     )
     is_nn = np.zeros(pairs.shape[0], dtype=bool)
     is_nn[:nn_count] = True
@@ -291,11 +293,12 @@ class Engine:
             raise ConfigError(
                 f"backbone '{cfg.backbone}' has no trainable trunk; use --train-mode head"
             )
-        trainer = Trainer(
-            model, mode=mode, margin=cfg.margin, epochs=cfg.epochs, seed=cfg.seed
+        trainer = Trainer(model, mode=mode, margin=cfg.margin, epochs=cfg.epochs, seed=cfg.seed)
+        trainer.attach(
+            self.pool,
+            cache_path=self.session.directory / "trunk_features.npy",
+            progress=self.progress,
         )
-        trainer.attach(self.pool, cache_path=self.session.directory / "trunk_features.npy",
-                       progress=self.progress)
         latest = self.session.latest_checkpoint()
         if latest is not None:
             trainer.load(latest[1])
@@ -326,7 +329,11 @@ class Engine:
         queried = self.store.queried()
         if round_index == 0:
             pairs, is_nn = initial_pairs(
-                self.embeddings, self.archive_ids, cfg.initial, cfg.initial_nn_fraction, rng,
+                self.embeddings,
+                self.archive_ids,
+                cfg.initial,
+                cfg.initial_nn_fraction,
+                rng,
                 exclude=queried,
             )
             return pairs, {"candidates": "initial", "initial_nn_pairs": int(is_nn.sum())}
@@ -334,9 +341,17 @@ class Engine:
         self.estimator.checked_fit(self.embeddings, labelled.pairs, labelled.labels)
         exclude = np.concatenate([labelled.pairs, queried]) if len(queried) else labelled.pairs
         return select_pairs(
-            self.embeddings, self.archive_ids, exclude, self.estimator, self.selector,
-            cfg.budget, rng, candidates=cfg.candidates, knn_k=cfg.knn_k,
-            far_fraction=cfg.far_fraction, shortlist_factor=cfg.shortlist_factor,
+            self.embeddings,
+            self.archive_ids,
+            exclude,
+            self.estimator,
+            self.selector,
+            cfg.budget,
+            rng,
+            candidates=cfg.candidates,
+            knn_k=cfg.knn_k,
+            far_fraction=cfg.far_fraction,
+            shortlist_factor=cfg.shortlist_factor,
         )
 
     def step(self) -> RoundResult:
@@ -407,9 +422,9 @@ class Engine:
             "queried_pairs": int(counts["similar"] + counts["dissimilar"]),
             "skipped_pairs": int(counts["skipped"]),
             "implied_pairs": int(labelled.n_implied),
-            "labelled_pairs": int(len(labelled.labels)),
+            "labelled_pairs": len(labelled.labels),
             "similar_fraction": round(float(np.mean(answered == 1)) if len(answered) else 0.0, 4),
-            "round_pairs": int(len(pairs)),
+            "round_pairs": len(pairs),
             "round_similar": int(np.sum(round_answers == 1)),
             "contradictions": len(labelled.contradictions),
             **metrics,
@@ -451,8 +466,10 @@ class Engine:
         metrics = evaluate(
             self.embeddings, labels, self.archive_ids, self.query_ids, map_k=self.config.eval_k
         )
-        return {k: (round(float(v), 5) if isinstance(v, float) and math.isfinite(v) else v)
-                for k, v in metrics.items()}
+        return {
+            k: (round(float(v), 5) if isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in metrics.items()
+        }
 
     def run(self, rounds: int | None = None) -> list[dict[str, Any]]:
         """Run rounds until the session's total (or ``rounds`` more); return their records.

@@ -86,9 +86,14 @@ class SessionConfig:
 
     def validate(self) -> SessionConfig:
         """Check ranges; raise ConfigError naming the setting at fault."""
-        positive = {"budget": self.budget, "shortlist_factor": self.shortlist_factor,
-                    "knn_k": self.knn_k, "embedding_dim": self.embedding_dim,
-                    "eval_k": self.eval_k, "epochs": self.epochs}
+        positive = {
+            "budget": self.budget,
+            "shortlist_factor": self.shortlist_factor,
+            "knn_k": self.knn_k,
+            "embedding_dim": self.embedding_dim,
+            "eval_k": self.eval_k,
+            "epochs": self.epochs,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1, got {value}")
@@ -225,8 +230,12 @@ class Session:
             )
         settings = data.get("settings", {})
         meta = data.get("meta", {})
-        for key in ("estimator_options", "selector_options", "backbone_options",
-                    "annotator_options"):
+        for key in (
+            "estimator_options",
+            "selector_options",
+            "backbone_options",
+            "annotator_options",
+        ):
             settings[key] = data.get(key, {})
         return cls(path, SessionConfig.from_dict(settings), meta)
 

@@ -23,8 +23,14 @@ BUILTINS = {
 }
 
 
-def make_distribution(root: Path, dist: str, version: str, module: str, source: str,
-                      entry_points: dict[str, dict[str, str]]) -> None:
+def make_distribution(
+    root: Path,
+    dist: str,
+    version: str,
+    module: str,
+    source: str,
+    entry_points: dict[str, dict[str, str]],
+) -> None:
     """Write a real installed distribution (dist-info + module) under ``root``."""
     (root / f"{module}.py").write_text(textwrap.dedent(source))
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
@@ -41,7 +47,10 @@ def make_distribution(root: Path, dist: str, version: str, module: str, source: 
 def third_party(tmp_path, monkeypatch):
     """A third-party distribution with a good, a broken-import and a contract-breaking plugin."""
     make_distribution(
-        tmp_path, "acme-estimators", "2.3.1", "acme_plugins",
+        tmp_path,
+        "acme-estimators",
+        "2.3.1",
+        "acme_plugins",
         """
         import numpy as np
         from anneal_geo.estimators.base import Estimator
@@ -202,7 +211,8 @@ HEAVY = ("torch", "torchgeo", "faiss", "rasterio", "geopandas")
 
 
 def _imported_after(code: str) -> set[str]:
-    probe = f"{code}\nimport sys\nprint('HEAVY:' + ' '.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    loaded = f"sorted(m for m in {HEAVY!r} if m in sys.modules)"
+    probe = f"{code}\nimport sys\nprint('HEAVY:' + ' '.join({loaded}))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("HEAVY:"), out.stdout

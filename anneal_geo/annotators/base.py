@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from anneal_geo._validate import plugin_label
-from anneal_geo.errors import PluginError
+from anneal_geo.errors import AnnealError, PluginError
 
 if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
@@ -63,11 +63,12 @@ class Annotator(ABC):
         prs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         try:
             answers = iter(self.annotate(prs, pool))
-        except PluginError:
-            raise
+        except AnnealError:
+            raise  # already a one-line message naming what is wrong
         except Exception as exc:
             raise PluginError(
-                f"{plugin_label(self)}: annotate() raised {type(exc).__name__}: {exc}".splitlines()[0]
+                f"{plugin_label(self)}: annotate() raised {type(exc).__name__}: "
+                f"{exc}".splitlines()[0]
             ) from exc
         count = 0
         while True:
@@ -75,7 +76,7 @@ class Annotator(ABC):
                 answer = next(answers)
             except StopIteration:
                 return
-            except (PluginError, KeyboardInterrupt):
+            except (AnnealError, KeyboardInterrupt):
                 raise
             except Exception as exc:
                 raise PluginError(
@@ -85,7 +86,8 @@ class Annotator(ABC):
             count += 1
             if count > prs.shape[0]:
                 raise PluginError(
-                    f"{plugin_label(self)}: annotate() gave more answers than the {prs.shape[0]} pairs asked"
+                    f"{plugin_label(self)}: annotate() gave more answers than the "
+                    f"{prs.shape[0]} pairs asked"
                 )
             value = int(answer) if isinstance(answer, (int, np.integer, bool, np.bool_)) else None
             if value not in (SIMILAR, DISSIMILAR, SKIP):

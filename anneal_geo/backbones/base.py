@@ -78,7 +78,8 @@ class Backbone(ABC):
             ) from exc
         if not isinstance(module, torch.nn.Module):
             raise PluginError(
-                f"{plugin_label(self)}: build() returned {type(module).__name__}, not a torch.nn.Module"
+                f"{plugin_label(self)}: build() returned {type(module).__name__}, "
+                "not a torch.nn.Module"
             )
         out_dim = getattr(module, "out_dim", None)
         if not isinstance(out_dim, int) or out_dim <= 0:

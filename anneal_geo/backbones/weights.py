@@ -53,7 +53,7 @@ _CONNECT_TIMEOUT_S = 5.0
 
 
 def canonical_band(name: str) -> str:
-    """The canonical spelling of a band name: ``"b1"``, ``"B1"`` -> ``"B01"``; ``"B8a"`` -> ``"B8A"``.
+    """The canonical spelling of a band name: ``"B1"`` -> ``"B01"``, ``"B8a"`` -> ``"B8A"``.
 
     Names that are not of the form ``B<number>[A]`` are only stripped and upper-cased.
     """

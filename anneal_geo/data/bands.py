@@ -73,7 +73,9 @@ def check_band_names(names: Sequence[str], count: int, where: str) -> list[str]:
         DataError: wrong number of names, empty or duplicate names.
     """
     if isinstance(names, str):
-        raise DataError(f"bands={names!r} for {where}: pass a list of names, e.g. {list(RGB_BANDS)}")
+        raise DataError(
+            f"bands={names!r} for {where}: pass a list of names, e.g. {list(RGB_BANDS)}"
+        )
     out = [str(n) for n in names]
     if len(out) != count:
         raise DataError(

@@ -56,7 +56,9 @@ def find_class_folders(root: str | Path) -> tuple[list[str] | None, list[list[Pa
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder; give the folder that holds one subfolder per class")
+        raise DataError(
+            f"{root} is not a folder; give the folder that holds one subfolder per class"
+        )
     # Hidden and private folders (.git, __pycache__, .ipynb_checkpoints) are never classes.
     subfolders = sorted(
         (p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))),

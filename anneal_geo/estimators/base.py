@@ -38,7 +38,7 @@ class Estimator(ABC):
         self.seed = int(seed)
         self.options = options
 
-    def fit(self, embeddings: np.ndarray, pairs: np.ndarray, labels: np.ndarray) -> None:
+    def fit(self, embeddings: np.ndarray, pairs: np.ndarray, labels: np.ndarray) -> None:  # noqa: B027
         """Learn from the labelled pairs. Default: nothing to learn.
 
         Args:

@@ -34,4 +34,4 @@ class RandomEstimator(Estimator):
         # and seed 1 call 0 do not collide.
         rng = np.random.default_rng((self.seed, self.calls))
         self.calls += 1
-        return rng.random(pairs.shape[0])
+        return rng.random(size=(pairs.shape[0],))

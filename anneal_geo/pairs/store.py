@@ -133,9 +133,7 @@ class PairStore:
                 for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
             if "meta" in tables:
-                row = conn.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'"
-                ).fetchone()
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 found = None if row is None else row[0]
                 if found != str(SCHEMA_VERSION):
                     raise SessionError(
@@ -286,9 +284,7 @@ class PairStore:
         rows = self.conn.execute(_EFFECTIVE).fetchall()
         return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
 
-    def answers(
-        self, include_skipped: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def answers(self, include_skipped: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The effective answer of every answered pair, in the order they were given.
 
         A pair's effective answer is its latest answer that was not undone; if that answer

@@ -26,7 +26,9 @@ _BLOCK_ENTRIES = 4_000_000
 def _ids(values: np.ndarray | Sequence[int], what: str, n: int) -> np.ndarray:
     ids = np.asarray(values)
     if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-        raise DataError(f"{what} must be a 1-D array of integer patch ids, got {ids.dtype} {ids.shape}")
+        raise DataError(
+            f"{what} must be a 1-D array of integer patch ids, got {ids.dtype} {ids.shape}"
+        )
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise DataError(f"{what} holds ids outside 0..{n - 1} (the {n} embedded patches)")

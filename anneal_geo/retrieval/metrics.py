@@ -48,9 +48,12 @@ def _check(relevance: np.ndarray, n_relevant: np.ndarray) -> tuple[np.ndarray, n
             f"n_relevant has shape {n_rel.shape} but relevance has {rel.shape[0]} query rows; "
             "pass one count per query"
         )
-    if n_rel.size and n_rel.dtype.kind not in "iu":
-        if not np.all(np.isfinite(n_rel)) or not np.all(n_rel == np.round(n_rel)):
-            raise DataError("n_relevant must hold whole numbers (relevant items per query)")
+    if (
+        n_rel.size
+        and n_rel.dtype.kind not in "iu"
+        and not (np.all(np.isfinite(n_rel)) and np.all(n_rel == np.round(n_rel)))
+    ):
+        raise DataError("n_relevant must hold whole numbers (relevant items per query)")
     n_rel = n_rel.astype(np.int64)
     found = rel.sum(axis=1)
     if np.any(n_rel < found):

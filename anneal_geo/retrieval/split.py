@@ -92,12 +92,13 @@ def stratified_split(
     ideal = sizes * fraction
     n_query = np.floor(ideal).astype(np.int64)
     spare = max(round(n * fraction) - int(n_query.sum()), 0)
-    order = np.lexsort((rng.random(sizes.shape[0]), -(ideal - n_query)))
+    tie_break = rng.random(size=int(sizes.shape[0]))
+    order = np.lexsort((tie_break, -(ideal - n_query)))
     n_query[order[:spare]] += 1
     n_query = np.minimum(n_query, np.maximum(sizes - 1, 0))
 
     # Rank the patches of each stratum in a random order; the first n_query become queries.
-    by_stratum = np.lexsort((rng.random(n), stratum))
+    by_stratum = np.lexsort((rng.random(size=int(n)), stratum))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     position = np.arange(n) - starts[stratum[by_stratum]]
     is_query = np.zeros(n, dtype=bool)

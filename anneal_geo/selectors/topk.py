@@ -1,4 +1,4 @@
-"""The ``topk`` selector: the k most uncertain pairs, no diversity (the MGUE/BCGUE-only ablation)."""
+"""The ``topk`` selector: the k most uncertain pairs, no diversity (the estimator-only ablation)."""
 
 from __future__ import annotations
 

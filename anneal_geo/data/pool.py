@@ -1,0 +1,700 @@
+"""``PatchPool``: the N x C x H x W patches of an archive, their band names, labels and footprints.
+
+A pool is read once from rasters (class folders, BigEarthNet, ...) and saved as a pool
+directory; reopening memory-maps the patches and never touches a raster again. The row index
+``0..N-1`` is the one patch id used everywhere (pairs, embeddings, faiss, exports).
+
+Pool directory (format ``anneal-geo-pool``, version 1):
+
+- ``pool.json``: bands, shape, dtype, classes, normalisation statistics, sources with their
+  SHA-256 and CRS, creation time;
+- ``patches.npy``: the (N, C, H, W) array in its native dtype (``.npy``, memory-mappable);
+- ``labels.npy``: (N, L) bool multi-hot, when labelled;
+- ``footprints.gpkg``: one row per patch id, when the sources are georeferenced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anneal_geo.data.bands import RGB_BANDS, band_indices, check_band_names
+from anneal_geo.data.sources import RawPool
+from anneal_geo.errors import DataError
+
+__all__ = [
+    "FOOTPRINTS_FILE",
+    "FORMAT",
+    "LABELS_FILE",
+    "PATCHES_FILE",
+    "POOL_FILE",
+    "VERSION",
+    "PatchPool",
+    "band_statistics",
+    "build_pool_cli_summary",
+]
+
+FORMAT = "anneal-geo-pool"
+VERSION = 1
+POOL_FILE = "pool.json"
+PATCHES_FILE = "patches.npy"
+LABELS_FILE = "labels.npy"
+FOOTPRINTS_FILE = "footprints.gpkg"
+
+# Rows per block when streaming statistics or copying to disk: bounded memory for big pools.
+_BLOCK_BYTES = 64 << 20
+
+FootprintSource = Callable[[], Any]
+
+
+def _block_rows(patches: np.ndarray) -> int:
+    row_bytes = max(1, int(np.prod(patches.shape[1:])) * 8)
+    return max(1, _BLOCK_BYTES // row_bytes)
+
+
+def band_statistics(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and (population) standard deviation over all patches and pixels.
+
+    Computed block by block in float64 and merged with Chan's parallel formula, so a
+    memory-mapped pool is never copied whole into memory.
+
+    Args:
+        patches: (N, C, H, W) array of any numeric dtype.
+
+    Returns:
+        ``(mean, std)``, each float64 (C,).
+    """
+    n_channels = patches.shape[1]
+    count = 0
+    mean = np.zeros(n_channels, dtype=np.float64)
+    m2 = np.zeros(n_channels, dtype=np.float64)
+    step = _block_rows(patches)
+    for start in range(0, patches.shape[0], step):
+        block = np.asarray(patches[start : start + step], dtype=np.float64)
+        n_block = block.shape[0] * block.shape[2] * block.shape[3]
+        if n_block == 0:
+            continue
+        block_mean = block.mean(axis=(0, 2, 3))
+        block_m2 = ((block - block_mean[None, :, None, None]) ** 2).sum(axis=(0, 2, 3))
+        total = count + n_block
+        delta = block_mean - mean
+        mean = mean + delta * (n_block / total)
+        m2 = m2 + block_m2 + delta**2 * (count * n_block / total)
+        count = total
+    std = np.sqrt(m2 / count) if count else np.zeros(n_channels, dtype=np.float64)
+    return mean, std
+
+
+def _relative_sources(sources: Sequence[str]) -> list[str]:
+    """Sources relative to their common folder, so the fingerprint ignores where the archive
+    was mounted or how its path was spelled."""
+    try:
+        common = os.path.commonpath([os.path.dirname(s) or "." for s in sources])
+        return [os.path.relpath(s, common).replace(os.sep, "/") for s in sources]
+    except ValueError:  # mixed absolute and relative paths: no common folder
+        return list(sources)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the pool to {directory} ({exc.strerror or exc}); choose a writable "
+            "folder"
+        ) from exc
+    if not os.access(directory, os.W_OK):
+        raise DataError(f"cannot write the pool to {directory} (not writable); choose another")
+
+
+class PatchPool:
+    """N patches x C bands x H x W pixels with band names, optional labels and footprints.
+
+    Build one with :meth:`load` (auto-detects the layout), :meth:`from_folder`,
+    :meth:`from_bigearthnet` or :meth:`open`, or directly from arrays.
+
+    Attributes:
+        patches: (N, C, H, W) array in its native dtype (uint16 for EuroSAT-MS, uint8 for
+            JPEG, float32 when bands were resampled); a read-only ``np.memmap`` once opened.
+        bands: one name per channel, e.g. ``["B04", "B03", "B02"]``.
+        class_names: the label columns, or None when unlabelled.
+        labels: (N, L) bool multi-hot over ``class_names`` (one True per row unless
+            ``multilabel``), or None.
+        multilabel: whether a patch may carry several labels.
+        sources: per patch, the source file (or BigEarthNet patch folder) as given.
+        source_crs: per patch, its source's CRS (``"EPSG:32631"``) or None.
+        source_sha256: per patch, the SHA-256 of its source, or None when built from arrays.
+        band_mean: float64 (C,) per-band mean, computed once when the pool was built.
+        band_std: float64 (C,) per-band standard deviation (population).
+        resolution: pixel size in CRS units (metres for UTM) when georeferenced, else None.
+        created: ISO time the pool was built.
+        path: the pool directory when saved or opened, else None.
+
+    Args:
+        patches: (N, C, H, W) array.
+        bands: one name per channel.
+        class_names: label names (required with ``labels``).
+        labels: (N, L) bool multi-hot, or (N,) int class indices for single-label data.
+        multilabel: allow several (or zero) labels per patch.
+        sources: per patch, where it came from; defaults to ``array:<id>``.
+        band_mean: precomputed per-band mean (computed when None).
+        band_std: precomputed per-band std (computed when None).
+        source_crs: per patch CRS text.
+        source_sha256: per patch source checksum.
+        footprints: a GeoDataFrame, or a zero-argument callable that builds or reads one
+            (called on first access of :attr:`footprints`).
+        resolution: pixel size in CRS units.
+        created: ISO creation time (now when None).
+        path: the pool directory, when it lives on disk.
+    """
+
+    def __init__(
+        self,
+        patches: np.ndarray,
+        bands: Sequence[str],
+        *,
+        class_names: Sequence[str] | None = None,
+        labels: np.ndarray | None = None,
+        multilabel: bool = False,
+        sources: Sequence[str] | None = None,
+        band_mean: np.ndarray | Sequence[float] | None = None,
+        band_std: np.ndarray | Sequence[float] | None = None,
+        source_crs: Sequence[str | None] | None = None,
+        source_sha256: Sequence[str] | None = None,
+        footprints: Any = None,
+        resolution: float | None = None,
+        created: str | None = None,
+        path: str | Path | None = None,
+    ) -> None:
+        if not isinstance(patches, np.ndarray) or patches.ndim != 4:
+            raise DataError(
+                f"patches must be an (N, C, H, W) array, got {getattr(patches, 'shape', patches)}"
+            )
+        if patches.dtype.kind not in "uif":
+            raise DataError(f"patches have dtype {patches.dtype}; use an integer or float dtype")
+        n, c = patches.shape[:2]
+        where = "this pool" if path is None else str(path)
+        self.patches: np.ndarray = patches
+        self.bands: list[str] = check_band_names(bands, c, where)
+        self.multilabel = bool(multilabel)
+        self.class_names: list[str] | None = None if class_names is None else list(class_names)
+        self.labels: np.ndarray | None = self._checked_labels(labels, n)
+        self.sources: list[str] = (
+            [f"array:{i}" for i in range(n)] if sources is None else [str(s) for s in sources]
+        )
+        if len(self.sources) != n:
+            raise DataError(f"{len(self.sources)} sources given for {n} patches; give one each")
+        self.source_crs: list[str | None] = [None] * n if source_crs is None else list(source_crs)
+        self.source_sha256: list[str] | None = (
+            None if source_sha256 is None else [str(s) for s in source_sha256]
+        )
+        if band_mean is None or band_std is None:
+            band_mean, band_std = band_statistics(patches)
+        self.band_mean: np.ndarray = np.asarray(band_mean, dtype=np.float64)
+        self.band_std: np.ndarray = np.asarray(band_std, dtype=np.float64)
+        if self.band_mean.shape != (c,) or self.band_std.shape != (c,):
+            raise DataError(f"band_mean and band_std must have one value per band ({c})")
+        self.resolution = None if resolution is None else float(resolution)
+        self.created = created or datetime.now(UTC).isoformat(timespec="seconds")
+        self.path: Path | None = None if path is None else Path(path)
+        self._footprints: Any = None
+        self._footprint_source: FootprintSource | None = None
+        if callable(footprints):
+            self._footprint_source = footprints
+        else:
+            self._footprints = footprints
+        self._fingerprint: str | None = None
+
+    def _checked_labels(self, labels: np.ndarray | None, n: int) -> np.ndarray | None:
+        if labels is None:
+            if self.class_names is not None:
+                raise DataError("class_names given without labels; pass both or neither")
+            return None
+        if self.class_names is None:
+            raise DataError("labels given without class_names; pass the name of each class")
+        arr = np.asarray(labels)
+        n_classes = len(self.class_names)
+        if arr.ndim == 1 and arr.dtype.kind in "iu":
+            if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+                raise DataError(f"label indices must lie in 0..{n_classes - 1}")
+            onehot = np.zeros((arr.shape[0], n_classes), dtype=bool)
+            onehot[np.arange(arr.shape[0]), arr] = True
+            arr = onehot
+        if arr.shape != (n, n_classes):
+            raise DataError(
+                f"labels have shape {arr.shape}, expected ({n}, {n_classes}) for {n} patches and "
+                f"{n_classes} classes"
+            )
+        arr = arr.astype(bool, copy=False)
+        if not self.multilabel:
+            bad = np.flatnonzero(arr.sum(axis=1) != 1)
+            if bad.size:
+                raise DataError(
+                    f"patch {int(bad[0])} has {int(arr[bad[0]].sum())} labels in a single-label "
+                    "pool; give exactly one per patch or pass multilabel=True"
+                )
+        return arr
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def _from_raw(cls, raw: RawPool) -> PatchPool:
+        from anneal_geo.data.footprints import build_footprints
+
+        georefs = raw.georefs
+        located = [g for g in georefs if g is not None]
+        resolution = (
+            float(np.median([g.resolution[0] for g in located]))
+            if located and len(located) == len(georefs)
+            else None
+        )
+        pool = cls(
+            raw.patches,
+            raw.bands,
+            class_names=raw.class_names,
+            labels=raw.labels,
+            multilabel=raw.multilabel,
+            sources=raw.sources,
+            source_crs=[None if g is None else g.crs for g in georefs],
+            source_sha256=raw.checksums,
+            resolution=resolution,
+        )
+        # Reprojecting outlines needs geopandas; defer it until someone asks for footprints.
+        pool._footprint_source = lambda: build_footprints(
+            georefs, pool.sources, [pool.label_text(i) for i in range(len(pool))]
+        )
+        return pool
+
+    @classmethod
+    def from_folder(cls, path: str | Path, bands: Sequence[str] | None = None) -> PatchPool:
+        """Read a class-per-folder archive (``<path>/<Class>/*.tif|jpg|png``).
+
+        Args:
+            path: the archive folder; top-level non-image files are ignored.
+            bands: band names in file order; inferred when None (13 bands: EuroSAT-MS order
+                with B8A last; 12: Level-2A order without B10; 3-band 8-bit: B04, B03, B02;
+                band descriptions win when they are band names).
+
+        Returns:
+            a single-label pool (or unlabelled, for a flat folder of images).
+        """
+        from anneal_geo.data.folders import read_class_folders
+
+        return cls._from_raw(read_class_folders(path, bands))
+
+    @classmethod
+    def from_bigearthnet(cls, path: str | Path) -> PatchPool:
+        """Read BigEarthNet-S2 patch folders, resampled to the 10 m grid (float32, 12 bands).
+
+        Args:
+            path: the folder holding ``<patch>/<patch>_<BAND>.tif`` folders.
+
+        Returns:
+            a multi-label pool (unlabelled when no label JSON files exist).
+        """
+        from anneal_geo.data.bigearthnet import read_bigearthnet
+
+        return cls._from_raw(read_bigearthnet(path))
+
+    @classmethod
+    def load(cls, source: str | Path, bands: Sequence[str] | None = None) -> PatchPool:
+        """Open a pool directory, or read a BigEarthNet or class-folder archive.
+
+        Args:
+            source: a saved pool directory (has ``pool.json``), a BigEarthNet folder, or a
+                class-folder archive.
+            bands: band names for a class-folder archive (ignored otherwise).
+
+        Raises:
+            DataError: ``source`` is none of the accepted layouts.
+        """
+        from anneal_geo.data.bigearthnet import is_bigearthnet
+        from anneal_geo.data.folders import find_class_folders
+
+        source = Path(source)
+        if (source / POOL_FILE).is_file():
+            return cls.open(source)
+        if is_bigearthnet(source):
+            return cls.from_bigearthnet(source)
+        try:
+            find_class_folders(source)
+        except DataError as exc:
+            raise DataError(
+                f"{source} is not a pool directory ({POOL_FILE}), a BigEarthNet folder "
+                "(<patch>/<patch>_B02.tif) or a class-folder archive (<Class>/*.tif|*.jpg|*.png); "
+                "point to one of these"
+            ) from exc
+        return cls.from_folder(source, bands)
+
+    # ------------------------------------------------------------------ saving
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": self.created,
+            "n_patches": len(self),
+            "bands": self.bands,
+            "shape": list(self.patches.shape),
+            "patch_size": list(self.patch_size),
+            "dtype": self.patches.dtype.str,
+            "resolution": self.resolution,
+            "class_names": self.class_names,
+            "multilabel": self.multilabel,
+            "band_mean": self.band_mean.tolist(),
+            "band_std": self.band_std.tolist(),
+            "sources": self.sources,
+            "sha256": self.source_sha256,
+            "crs": self.source_crs,
+            "georeferenced": self.footprints is not None,
+            "fingerprint": self.fingerprint,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the pool directory (see the module docstring) and return its path.
+
+        Files are written under temporary names and renamed, ``pool.json`` last, so an
+        interrupted save never looks like a complete pool.
+
+        Raises:
+            DataError: the directory cannot be created or written.
+        """
+        directory = Path(directory)
+        if self.path is not None and directory.resolve() == self.path.resolve():
+            return directory  # already stored there; rewriting would clobber the memmap
+        _check_writable(directory)
+        target = directory
+        try:
+            tmp = directory / (PATCHES_FILE + ".partial")
+            target = directory / PATCHES_FILE
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=self.patches.dtype, shape=self.patches.shape
+            )
+            step = _block_rows(self.patches)
+            for start in range(0, len(self), step):
+                out[start : start + step] = self.patches[start : start + step]
+            out.flush()
+            del out
+            os.replace(tmp, target)
+
+            target = directory / LABELS_FILE
+            if self.labels is not None:
+                with open(directory / (LABELS_FILE + ".partial"), "wb") as fh:
+                    np.save(fh, self.labels)
+                os.replace(directory / (LABELS_FILE + ".partial"), target)
+            else:
+                target.unlink(missing_ok=True)
+
+            target = directory / FOOTPRINTS_FILE
+            footprints = self.footprints
+            if footprints is not None:
+                from anneal_geo.data.footprints import write_footprints
+
+                tmp = directory / ("partial-" + FOOTPRINTS_FILE)
+                tmp.unlink(missing_ok=True)
+                write_footprints(footprints, tmp)
+                os.replace(tmp, target)
+            else:
+                target.unlink(missing_ok=True)
+
+            target = directory / POOL_FILE
+            tmp = directory / (POOL_FILE + ".partial")
+            tmp.write_text(json.dumps(self._metadata(), indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise DataError(
+                f"cannot write {target} ({exc.strerror or exc}); free space or choose another "
+                "folder"
+            ) from exc
+        self.path = directory
+        return directory
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PatchPool:
+        """Open a saved pool: memory-maps ``patches.npy``; reads no raster.
+
+        Raises:
+            DataError: not a pool directory, another format or version, or damaged files.
+        """
+        directory = Path(directory)
+        meta_path = directory / POOL_FILE
+        if not meta_path.is_file():
+            raise DataError(
+                f"{meta_path} not found: {directory} is not a saved pool; build one with "
+                "PatchPool.load(<archive>).save(<folder>)"
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{meta_path} is not readable JSON ({exc}); rebuild the pool") from exc
+        if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (
+            FORMAT,
+            VERSION,
+        ):
+            found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else None
+            raise DataError(
+                f"{meta_path} is format/version {found}, not ({FORMAT!r}, {VERSION}); "
+                "rebuild the pool from its sources with this version of anneal-geo"
+            )
+        patches_path = directory / PATCHES_FILE
+        try:
+            patches = np.load(patches_path, mmap_mode="r")
+            shape, dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
+            labels = (
+                np.load(directory / LABELS_FILE) if meta.get("class_names") is not None else None
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{directory} is a damaged pool ({exc}); rebuild it from its sources"
+            ) from exc
+        if patches.shape != shape or patches.dtype != dtype:
+            raise DataError(
+                f"{patches_path} holds {patches.shape} {patches.dtype} but {meta_path} says "
+                f"{shape} {dtype}; the pool is damaged: rebuild it"
+            )
+        footprints: Any = None
+        if meta.get("georeferenced"):
+            from anneal_geo.data.footprints import read_footprints
+
+            # Read on first access: opening a pool stays a millisecond affair.
+            footprints = partial(read_footprints, directory / FOOTPRINTS_FILE)
+
+        try:
+            return cls(
+                patches,
+                meta["bands"],
+                class_names=meta.get("class_names"),
+                labels=labels,
+                multilabel=bool(meta.get("multilabel", False)),
+                sources=meta["sources"],
+                band_mean=meta["band_mean"],
+                band_std=meta["band_std"],
+                source_crs=meta.get("crs"),
+                source_sha256=meta.get("sha256"),
+                footprints=footprints,
+                resolution=meta.get("resolution"),
+                created=meta.get("created"),
+                path=directory,
+            )
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{meta_path} lacks {exc}; rebuild the pool") from exc
+
+    # ------------------------------------------------------------------ views
+
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    def __repr__(self) -> str:
+        h, w = self.patch_size
+        classes = "unlabelled" if self.class_names is None else f"{len(self.class_names)} classes"
+        return (
+            f"PatchPool({len(self)} patches, {self.n_bands} bands, {h}x{w}, "
+            f"{self.patches.dtype}, {classes})"
+        )
+
+    @property
+    def n_bands(self) -> int:
+        """Number of bands (channels) C."""
+        return int(self.patches.shape[1])
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return int(self.patches.shape[2]), int(self.patches.shape[3])
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the pool carries labels."""
+        return self.labels is not None
+
+    @property
+    def footprints(self) -> Any:
+        """GeoDataFrame of patch footprints (EPSG:4326 ``geometry``), or None without georeference.
+
+        Built or read from ``footprints.gpkg`` on first access, then cached.
+        """
+        if self._footprint_source is not None:
+            self._footprints = self._footprint_source()
+            self._footprint_source = None
+        return self._footprints
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable 16-hex-digit hash of band names, shape, dtype and sources.
+
+        Sources enter relative to their common folder, so moving the archive or spelling its
+        path differently keeps the fingerprint.
+        """
+        if self._fingerprint is None:
+            payload = json.dumps(
+                {
+                    "bands": self.bands,
+                    "shape": list(self.patches.shape),
+                    "dtype": self.patches.dtype.str,
+                    "sources": _relative_sources(self.sources),
+                },
+                sort_keys=True,
+            )
+            self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise DataError(f"patch ids must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
+        bad = arr[(arr < 0) | (arr >= len(self))]
+        if bad.size:
+            raise DataError(f"patch id {int(bad[0])} is out of range 0..{len(self) - 1}")
+        return arr
+
+    def float_patches(self, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """The patches ``ids`` (all when None) as float32 (len(ids), C, H, W), native units."""
+        if ids is None:
+            return np.array(self.patches, dtype=np.float32)
+        index = self._check_ids(ids)
+        if index.ndim != 1:
+            raise DataError(f"patch ids must be one-dimensional, got shape {index.shape}")
+        return np.array(self.patches[index], dtype=np.float32)
+
+    def single_labels(self) -> np.ndarray:
+        """(N,) int64 class index of each patch.
+
+        Raises:
+            DataError: the pool is unlabelled or multi-label.
+        """
+        if self.labels is None:
+            raise DataError("this pool has no labels; build it from class folders to get some")
+        if self.multilabel:
+            raise DataError(
+                "this pool is multi-label; use pool.labels (N, L) instead of single_labels()"
+            )
+        return np.argmax(self.labels, axis=1).astype(np.int64)
+
+    def label_text(self, patch_id: int) -> str | None:
+        """The patch's label(s) as text (``"; "``-joined when multi-label), None if unlabelled."""
+        if self.labels is None or self.class_names is None:
+            return None
+        names = self.class_names
+        return "; ".join(names[j] for j in np.flatnonzero(self.labels[patch_id]))
+
+    def class_counts(self) -> dict[str, int]:
+        """Patches per class (a multi-label patch counts for each of its labels)."""
+        if self.labels is None or self.class_names is None:
+            return {}
+        counts = self.labels.sum(axis=0)
+        return {name: int(k) for name, k in zip(self.class_names, counts, strict=True)}
+
+    def select_bands(self, names: Sequence[str]) -> PatchPool:
+        """A new in-memory pool with only ``names``, in that order.
+
+        Raises:
+            DataError: a band is not in the pool (the message lists the available ones).
+        """
+        index = band_indices(self.bands, names)
+        pool = PatchPool(
+            np.ascontiguousarray(self.patches[:, index]),
+            [self.bands[i] for i in index],
+            class_names=self.class_names,
+            labels=self.labels,
+            multilabel=self.multilabel,
+            sources=self.sources,
+            band_mean=self.band_mean[index],
+            band_std=self.band_std[index],
+            source_crs=self.source_crs,
+            source_sha256=self.source_sha256,
+            resolution=self.resolution,
+            created=self.created,
+        )
+        # Same patches, same footprints: share them lazily instead of rebuilding.
+        pool._footprint_source = lambda: self.footprints
+        return pool
+
+    def rgb(self, patch_id: int) -> np.ndarray:
+        """A true-colour preview: (H, W, 3) uint8 from B04/B03/B02 with a 2-98 % stretch.
+
+        Falls back to the first three bands (or repeats the first band) when the pool has
+        no red, green and blue bands. Each band is stretched between its own 2nd and 98th
+        percentile, which hides sensor units and outliers alike.
+        """
+        index = self._check_ids(patch_id)
+        if index.ndim != 0:
+            raise DataError("rgb() takes one patch id")
+        if all(b in self.bands for b in RGB_BANDS):
+            channels = band_indices(self.bands, RGB_BANDS)
+        elif self.n_bands >= 3:
+            channels = [0, 1, 2]
+        else:
+            channels = [0, 0, 0]
+        image = np.asarray(self.patches[int(index)][channels], dtype=np.float32)
+        low, high = np.percentile(image, [2.0, 98.0], axis=(1, 2))
+        span = np.where(high > low, high - low, 1.0)
+        scaled = (image - low[:, None, None]) / span[:, None, None]
+        return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+    def check_sources(self) -> list[str]:
+        """Sources that are missing or whose SHA-256 differs from build time (reads the files).
+
+        Returns:
+            the changed or missing sources; empty when all match or no checksums are known.
+        """
+        from anneal_geo.data.bigearthnet import patch_sha256
+        from anneal_geo.data.sources import sha256_file
+
+        if self.source_sha256 is None:
+            return []
+        changed = []
+        for source, digest in zip(self.sources, self.source_sha256, strict=True):
+            path = Path(source)
+            try:
+                ok = (patch_sha256(path) if path.is_dir() else sha256_file(path)) == digest
+            except OSError:
+                ok = False
+            if not ok:
+                changed.append(source)
+        return changed
+
+    def describe(self) -> str:
+        """A multi-line human summary (for ``anneal-geo pool info``)."""
+        h, w = self.patch_size
+        lines = [
+            f"patches:     {len(self)}",
+            f"bands:       {self.n_bands} ({', '.join(self.bands)})",
+            f"patch size:  {h} x {w} px"
+            + ("" if self.resolution is None else f" at {self.resolution:.4g} m/px"),
+            f"dtype:       {self.patches.dtype}",
+        ]
+        if self.class_names is None:
+            lines.append("labels:      none")
+        else:
+            kind = "multi-label" if self.multilabel else "single-label"
+            lines.append(f"labels:      {len(self.class_names)} classes, {kind}")
+            lines.extend(f"  {name}: {k}" for name, k in self.class_counts().items())
+        crs_counts = Counter(c for c in self.source_crs if c is not None)
+        if crs_counts:
+            lines.append(
+                "CRS:         " + ", ".join(f"{c} ({k})" for c, k in sorted(crs_counts.items()))
+            )
+        else:
+            lines.append("CRS:         none (no footprints)")
+        lines.append(
+            "band mean:   "
+            + " ".join(f"{b}={m:.4g}" for b, m in zip(self.bands, self.band_mean, strict=True))
+        )
+        lines.append(f"fingerprint: {self.fingerprint}")
+        lines.append(f"path:        {self.path if self.path is not None else '(not saved)'}")
+        return "\n".join(lines)
+
+
+def build_pool_cli_summary(pool: PatchPool) -> str:
+    """The text ``anneal-geo pool info`` prints: :meth:`PatchPool.describe`."""
+    return pool.describe()

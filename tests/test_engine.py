@@ -1,0 +1,248 @@
+"""The ANNEAL loop end to end on the real EuroSAT-MS sample: sessions, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anneal_geo import plugins
+from anneal_geo.annotators.base import Annotator
+from anneal_geo.data.pool import PatchPool
+from anneal_geo.engine import Engine, initial_pairs
+from anneal_geo.errors import ConfigError, DataError, PluginError, SessionError
+from anneal_geo.estimators.base import Estimator
+from anneal_geo.session import Session, SessionConfig
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_tiles"
+REQUIRED = {
+    "round",
+    "queried_pairs",
+    "implied_pairs",
+    "map@20",
+    "map",
+    "p@10",
+    "seconds",
+    "estimator",
+    "selector",
+    "backbone",
+    "seed",
+}
+
+
+@pytest.fixture(scope="module")
+def ms_pool(tmp_path_factory) -> tuple[PatchPool, Path]:
+    directory = tmp_path_factory.mktemp("pool") / "eurosat_ms"
+    PatchPool.load(SAMPLE / "eurosat_ms").save(directory)
+    return PatchPool.open(directory), directory
+
+
+def small_config(pool_dir: Path, **overrides) -> SessionConfig:
+    settings = dict(data=str(pool_dir), rounds=2, budget=20, initial=40, epochs=10, seed=3)
+    settings.update(overrides)
+    return SessionConfig(**settings)
+
+
+def new_session(tmp_path: Path, pool_dir: Path, **overrides) -> Session:
+    return Session.create(
+        tmp_path / "session", small_config(pool_dir, **overrides), {"pool_dir": str(pool_dir)}
+    )
+
+
+def stored_pairs(session: Session) -> list[tuple[int, int, int, int]]:
+    with sqlite3.connect(session.store_path) as db:
+        return db.execute("SELECT round, i, j, answer FROM answers ORDER BY seq").fetchall()
+
+
+def test_full_run_writes_history_and_every_answer(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    session = new_session(tmp_path, pool_dir)
+    with Engine(session, pool, progress=False) as engine:
+        records = engine.run()
+    assert [r["round"] for r in records] == [0, 1, 2]
+    history = [json.loads(line) for line in session.history_path.read_text().splitlines()]
+    assert history == records
+    for record in history:
+        assert set(record) >= REQUIRED
+        assert 0.0 <= record["map@20"] <= 1.0
+    assert [r["queried_pairs"] for r in history] == [40, 60, 80]
+    rows = stored_pairs(session)
+    assert len(rows) == 80
+    assert len({(i, j) for _, i, j, _ in rows}) == 80, "a pair was asked twice"
+    assert all(i < j for _, i, j, _ in rows)
+    # Pairs use archive patches only: the held-out queries are never shown to the annotator.
+    archive, query = session.load_split()
+    used = {i for _, i, j, _ in rows} | {j for _, i, j, _ in rows}
+    assert used <= set(archive) and not used & set(query)
+    # The oracle's answers agree with the class labels.
+    labels = pool.single_labels()
+    assert all(ans == int(labels[i] == labels[j]) for _, i, j, ans in rows)
+    # Implied pairs follow from transitivity and are counted apart from queried ones.
+    assert history[-1]["implied_pairs"] >= 0
+    assert history[-1]["labelled_pairs"] >= history[-1]["queried_pairs"]
+
+
+def test_anneal_rounds_ask_more_informative_pairs_than_random(ms_pool, tmp_path):
+    """MGUE + k-means asks about pairs near the threshold: far more similar pairs than the
+    ~1/10 that random pairs give on a 10-class archive."""
+    pool, pool_dir = ms_pool
+    anneal = new_session(tmp_path / "a", pool_dir, rounds=2, budget=30)
+    rand = new_session(
+        tmp_path / "r", pool_dir, rounds=2, budget=30, estimator="random", selector="random"
+    )
+    with Engine(anneal, pool, progress=False) as engine:
+        a = engine.run()
+    with Engine(rand, pool, progress=False) as engine:
+        r = engine.run()
+    a_similar = sum(x["round_similar"] for x in a[1:])
+    r_similar = sum(x["round_similar"] for x in r[1:])
+    assert a_similar > r_similar
+
+
+def test_same_seed_same_pairs(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    first = new_session(tmp_path / "1", pool_dir, rounds=1)
+    second = new_session(tmp_path / "2", pool_dir, rounds=1)
+    for session in (first, second):
+        with Engine(session, pool, progress=False) as engine:
+            engine.run()
+    assert stored_pairs(first) == stored_pairs(second)
+
+
+class StopAfter(Annotator):
+    """Answers like the oracle, then raises KeyboardInterrupt after `limit` answers."""
+
+    limit = 5
+
+    def annotate(self, pairs, pool):
+        labels = pool.single_labels()
+        for count, (i, j) in enumerate(pairs):
+            if count == self.limit:
+                raise KeyboardInterrupt
+            yield int(labels[i] == labels[j])
+
+
+def test_ctrl_c_mid_round_keeps_answers_and_resume_finishes(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    plugins.register(StopAfter, name="stop-after", group="annotators")
+    try:
+        session = new_session(tmp_path, pool_dir, annotator="stop-after", rounds=1)
+        with Engine(session, pool, progress=False) as engine, pytest.raises(KeyboardInterrupt):
+            engine.run()
+        kept = stored_pairs(session)
+        assert len(kept) == StopAfter.limit
+        assert session.load_pending() is not None
+    finally:
+        plugins.unregister("stop-after", "annotators")
+
+    resumed = Session.open(session.directory)
+    resumed.config.annotator = "oracle"
+    with Engine(resumed, pool, progress=False) as engine:
+        records = engine.run()
+    rows = stored_pairs(resumed)
+    assert rows[: StopAfter.limit] == kept, "answers given before Ctrl-C were changed"
+    assert len(rows) == 40 + 20
+    assert len({(i, j) for _, i, j, _ in rows}) == len(rows), "a pair was asked twice"
+    assert [r["round"] for r in records] == [0, 1]
+    # The interrupted round finished with exactly the pairs it had chosen.
+    round0 = [(i, j) for r, i, j, _ in rows if r == 0]
+    assert len(round0) == 40
+
+
+def test_resume_of_finished_rounds_continues_with_more_rounds(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    session = new_session(tmp_path, pool_dir, rounds=1)
+    with Engine(session, pool, progress=False) as engine:
+        engine.run()
+    reopened = Session.open(session.directory)
+    with Engine(reopened, pool, progress=False) as engine:
+        more = engine.run(rounds=1)
+    assert [r["round"] for r in more] == [2]
+    rows = stored_pairs(reopened)
+    assert len(rows) == 40 + 20 + 20 and len({(i, j) for _, i, j, _ in rows}) == len(rows)
+
+
+class NanEstimator(Estimator):
+    """Returns NaN uncertainty."""
+
+    def score(self, embeddings, pairs):
+        return np.full(len(pairs), np.nan)
+
+
+def test_bad_plugin_is_named_and_answers_stay_intact(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    plugins.register(NanEstimator, name="nan-estimator", group="estimators")
+    try:
+        session = new_session(tmp_path, pool_dir, estimator="nan-estimator")
+        with (
+            Engine(session, pool, progress=False) as engine,
+            pytest.raises(PluginError, match="nan-estimator.*NaN"),
+        ):
+            engine.run()
+    finally:
+        plugins.unregister("nan-estimator", "estimators")
+    assert len(stored_pairs(session)) == 40  # the initial round's answers are all there
+    assert len(session.history()) == 1
+
+
+def test_unknown_plugin_lists_known_ones(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    session = new_session(tmp_path, pool_dir, selector="kmeanz")
+    with pytest.raises(PluginError, match=r"unknown selector 'kmeanz'.*kmeans.*random.*topk"):
+        Engine(session, pool, progress=False)
+
+
+def test_budget_larger_than_candidates(ms_pool, tmp_path):
+    pool, pool_dir = ms_pool
+    session = new_session(tmp_path, pool_dir, budget=1_000_000, rounds=1)
+    with (
+        Engine(session, pool, progress=False) as engine,
+        pytest.raises(ConfigError, match="budget of 1000000 pairs per round is larger than"),
+    ):
+        engine.run()
+
+
+def test_oracle_refuses_one_class_pool(tmp_path):
+    one_class = tmp_path / "one"
+    shutil.copytree(SAMPLE / "eurosat_ms" / "Forest", one_class / "Forest")
+    pool = PatchPool.load(one_class)
+    pool_dir = tmp_path / "pool"
+    pool.save(pool_dir)
+    session = new_session(tmp_path, pool_dir)
+    with pytest.raises(DataError, match="one class"):
+        Engine(session, PatchPool.open(pool_dir), progress=False)
+
+
+def test_session_from_incompatible_version(ms_pool, tmp_path):
+    _, pool_dir = ms_pool
+    session = new_session(tmp_path, pool_dir)
+    text = session.toml_path.read_text().replace("session_format = 1", "session_format = 99")
+    session.toml_path.write_text(text)
+    with pytest.raises(SessionError, match="session_format 99"):
+        Session.open(session.directory)
+
+
+def test_session_refuses_to_overwrite(ms_pool, tmp_path):
+    _, pool_dir = ms_pool
+    new_session(tmp_path, pool_dir)
+    with pytest.raises(SessionError, match="already holds a session"):
+        new_session(tmp_path, pool_dir)
+
+
+def test_initial_pairs_mix_neighbours_and_random(ms_pool):
+    pool, _ = ms_pool
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(pool), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = np.arange(len(pool), dtype=np.int64)
+    pairs, is_nn = initial_pairs(emb, ids, 60, 0.5, rng)
+    assert pairs.shape == (60, 2) and is_nn.sum() == 30
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    keys = pairs[:, 0] * len(pool) + pairs[:, 1]
+    assert np.unique(keys).size == 60
+    with pytest.raises(ConfigError, match="initial"):
+        initial_pairs(emb, ids[:5], 11, 0.5, rng)
