@@ -216,6 +216,8 @@ def test_save_and_open_round_trip_never_reads_rasters(tmp_path: Path) -> None:
     np.testing.assert_array_equal(opened.band_std, built.band_std)
     assert opened.fingerprint == built.fingerprint
     assert_geodataframe_equal(opened.footprints, built.footprints)
+    same = opened.select_bands(opened.bands)
+    assert same.patches is opened.patches and same.fingerprint == opened.fingerprint
     # Only now does anything look at the sources: all are gone.
     assert opened.check_sources() == built.sources
 

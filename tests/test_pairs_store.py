@@ -172,10 +172,11 @@ def test_undo_appends_events_and_walks_back(tmp_path: Path) -> None:
         assert store.answers()[1].tolist() == [0, 0]
         before = raw_rows(path)
 
-        assert store.undo() == (1, 2)
+        assert store.undo(annotator="reviewer") == (1, 2)
         after = raw_rows(path)
         assert after[: len(before)] == before  # nothing updated or deleted
         assert len(after) == len(before) + 1 and after[-1][-1] == s3
+        assert after[-1][5] == "reviewer" and after[-1][2:5] == (1, 2, 0)
         pairs, labels, rounds = store.answers()
         assert pairs.tolist() == [[1, 2], [3, 4]] and labels.tolist() == [1, 0]
         assert rounds.tolist() == [0, 0]
@@ -215,9 +216,11 @@ def test_labelled_pairs_applies_transitivity(tmp_path: Path) -> None:
         store.add(1, 2, 1, round=0, annotator="a")
         store.add(2, 3, -1, round=0, annotator="a")
         closed = store.labelled_pairs(n=10)
+        capped = store.labelled_pairs(max_implied=0)
     assert closed.pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
     assert closed.implied.tolist() == [False, True, False]
     assert closed.n_implied == 1
+    assert capped.truncated and capped.n_implied == 0 and capped.n_queried == 2
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:

@@ -595,14 +595,16 @@ class PatchPool:
         return {name: int(k) for name, k in zip(self.class_names, counts, strict=True)}
 
     def select_bands(self, names: Sequence[str]) -> PatchPool:
-        """A new in-memory pool with only ``names``, in that order.
+        """A new pool with only ``names``, in that order (in memory unless all bands are kept).
 
         Raises:
             DataError: a band is not in the pool (the message lists the available ones).
         """
         index = band_indices(self.bands, names)
+        # Selecting every band in order shares the (possibly memory-mapped) array: no copy.
+        same = index == list(range(self.n_bands))
         pool = PatchPool(
-            np.ascontiguousarray(self.patches[:, index]),
+            self.patches if same else np.ascontiguousarray(self.patches[:, index]),
             [self.bands[i] for i in index],
             class_names=self.class_names,
             labels=self.labels,

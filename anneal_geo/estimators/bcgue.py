@@ -7,7 +7,6 @@ A small MLP predicts p_ij = P(similar) from the symmetric pair feature
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -215,35 +214,57 @@ class BCGUEEstimator(Estimator):
         # Class-balanced: each class contributes half of the loss.
         weight = torch.where(target > 0, 0.5 * len(target) / n_pos, 0.5 * len(target) / n_neg)
 
-        with torch.random.fork_rng(devices=[]):
-            # Seeded per fit: different shuffles each round, identical across runs.
-            torch.manual_seed(self.seed * 1_000_003 + self.fits)
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.fits)
-            self._fit_statistics(emb, idx, gen)
-            optimiser = torch.optim.Adam(
-                model.parameters(), lr=self.lr, weight_decay=self.weight_decay
-            )
-            loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
-            steps_per_epoch = math.ceil(len(target) / self.batch_size)
-            epochs = max(1, min(self.epochs, self.max_steps // steps_per_epoch))
-            steps_left = self.max_steps
-            model.train()
-            for _ in range(epochs):
-                order = torch.randperm(len(target), generator=gen)
-                total = 0.0
-                for start in range(0, len(target), self.batch_size):
-                    if steps_left == 0:
-                        break
-                    batch = order[start : start + self.batch_size]
-                    x = self._standardise(_pair_features(emb, idx[batch]))
-                    loss = (loss_fn(model(x)[:, 0], target[batch]) * weight[batch]).mean()
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item() * len(batch)
-                    steps_left -= 1
-                self.train_loss_ = total / len(target)
+        # Seeded per fit: different shuffles each round, identical across runs.
+        fit_seed = int(np.random.SeedSequence([self.seed, self.fits]).generate_state(1)[0])
+        threads = torch.get_num_threads()
+        # Minibatches of a few hundred pairs gain nothing from intra-op threads, and on a
+        # busy machine spinning OpenMP workers made a 0.5 s fit take 10-15 s (measured).
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(fit_seed)
+                gen = torch.Generator().manual_seed(fit_seed)
+                self._fit_statistics(emb, idx, gen)
+                self._train(model, emb, idx, target, weight, gen)
+        finally:
+            torch.set_num_threads(threads)
         model.eval()
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        emb: torch.Tensor,
+        idx: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+        gen: torch.Generator,
+    ) -> None:
+        """Adam on the weighted BCE: ``epochs`` passes, at most ``max_steps`` steps."""
+        import torch
+
+        optimiser = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+        m = len(target)
+        steps_left = self.max_steps
+        model.train()
+        for _ in range(self.epochs):
+            order = torch.randperm(m, generator=gen)
+            total, seen = 0.0, 0
+            for start in range(0, m, self.batch_size):
+                batch = order[start : start + self.batch_size]
+                x = self._standardise(_pair_features(emb, idx[batch]))
+                loss = (loss_fn(model(x)[:, 0], target[batch]) * weight[batch]).mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(batch)
+                seen += len(batch)
+                steps_left -= 1
+                if steps_left == 0:
+                    break
+            self.train_loss_ = total / seen
+            if steps_left == 0:
+                break
 
     def predict_proba(self, embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """P(similar) of each pair.

@@ -140,7 +140,15 @@ def default_mode(n: int) -> str:
     return "exhaustive" if n <= EXHAUSTIVE_MAX_PATCHES else "knn"
 
 
-def triu_pairs(m: int, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _triu_starts(m: int) -> np.ndarray:
+    """Linear index of the first pair of each row of the strict upper triangle."""
+    # Row r starts at sum_{a<r} (m - 1 - a); exact integers, so no sqrt rounding issues.
+    return np.concatenate(([0], np.cumsum(np.arange(m - 1, 0, -1, dtype=np.int64))))
+
+
+def triu_pairs(
+    m: int, index: np.ndarray, starts: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode linear indices into the strict upper triangle of an m x m matrix.
 
     Index 0 is (0, 1), then (0, 2) ... (0, m - 1), (1, 2) ... row by row, the order of
@@ -150,13 +158,14 @@ def triu_pairs(m: int, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Args:
         m: matrix size.
         index: int64 indices in ``[0, m (m - 1) / 2)``.
+        starts: the row starts for this ``m``, when decoding many batches (else computed).
 
     Returns:
         rows, cols: int64 arrays, ``rows < cols``.
     """
     k = np.asarray(index, dtype=np.int64)
-    # Row r starts at sum_{a<r} (m - 1 - a); exact integers, so no sqrt rounding issues.
-    starts = np.concatenate(([0], np.cumsum(np.arange(m - 1, 0, -1, dtype=np.int64))))
+    if starts is None:
+        starts = _triu_starts(m)
     rows = np.searchsorted(starts, k, side="right") - 1
     cols = rows + 1 + (k - starts[rows])
     return rows, cols
@@ -199,8 +208,10 @@ def _exhaustive_iter(
 ) -> Iterator[np.ndarray]:
     m = int(ids.size)
     total = count_exhaustive(m)
+    starts = _triu_starts(m)
     for lo in range(0, total, block_size):
-        rows, cols = triu_pairs(m, np.arange(lo, min(lo + block_size, total), dtype=np.int64))
+        index = np.arange(lo, min(lo + block_size, total), dtype=np.int64)
+        rows, cols = triu_pairs(m, index, starts)
         block = np.stack((ids[rows], ids[cols]), axis=1)
         if excluded.size:
             block = block[~in_sorted(pair_keys(block, base), excluded)]
@@ -274,12 +285,13 @@ def _sample_far_keys(
     # Large triangles: rejection sampling in vectorised batches; collisions with `taken`
     # are rare because knn edges are a small part of all pairs.
     found = np.empty(0, dtype=np.int64)
+    starts = _triu_starts(m)
     for _ in range(64):
         need = count - found.size
         if need <= 0:
             break
         draw = rng.integers(0, total, size=2 * need + 16, dtype=np.int64)
-        rows, cols = triu_pairs(m, draw)
+        rows, cols = triu_pairs(m, draw, starts)
         keys = ids[rows] * np.int64(base) + ids[cols]
         keys = keys[~in_sorted(keys, taken)]
         # Keep first occurrences in draw order, so the result depends only on the rng.

@@ -13,14 +13,12 @@ import sqlite3
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import numpy as np
 
 from anneal_geo.errors import SessionError
-
-if TYPE_CHECKING:
-    from anneal_geo.pairs.transitivity import Closure
+from anneal_geo.pairs.transitivity import DEFAULT_MAX_IMPLIED, Closure, closure
 
 __all__ = ["ANSWER_NAMES", "SCHEMA_VERSION", "PairStore"]
 
@@ -231,11 +229,14 @@ class PairStore:
         assert seq is not None  # an INSERT always sets it
         return int(seq)
 
-    def undo(self) -> tuple[int, int] | None:
+    def undo(self, *, annotator: str = "undo") -> tuple[int, int] | None:
         """Undo the latest answer that is still in effect, by appending an undo event.
 
         Repeated calls walk back through the answers, newest first. The undo row repeats
         the undone row's pair, round and answer and points at it through ``undoes``.
+
+        Args:
+            annotator: who undid it, recorded on the undo row.
 
         Returns:
             The pair (i, j) whose answer was undone, or None when there is nothing to undo.
@@ -256,7 +257,7 @@ class PairStore:
             conn.execute(
                 "INSERT INTO answers (round, i, j, answer, annotator, created, undoes) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rnd, i, j, answer, "undo", time.time(), seq),
+                (rnd, i, j, answer, str(annotator), time.time(), seq),
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -310,21 +311,25 @@ class PairStore:
         """
         return np.ascontiguousarray(self._effective()[:, 2:4])
 
-    def labelled_pairs(self, n: int | None = None, **closure_options: object) -> Closure:
+    def labelled_pairs(
+        self,
+        n: int | None = None,
+        *,
+        max_implied: int = DEFAULT_MAX_IMPLIED,
+        seed: int | np.random.Generator = 0,
+    ) -> Closure:
         """The training set L: effective similar/dissimilar answers plus what they imply.
 
         Args:
             n: pool size (patch ids must be below it); default: largest id + 1.
-            **closure_options: passed to :func:`anneal_geo.pairs.transitivity.closure`
-                (``max_implied``, ``seed``).
+            max_implied: cap on implied pairs (see :func:`~anneal_geo.pairs.closure`).
+            seed: seed or generator of the subset kept beyond the cap.
 
         Returns:
             The :class:`~anneal_geo.pairs.transitivity.Closure` of the answers.
         """
-        from anneal_geo.pairs.transitivity import closure
-
         pairs, labels, _ = self.answers()
-        return closure(pairs, labels, n, **closure_options)  # type: ignore[arg-type]
+        return closure(pairs, labels, n, max_implied=max_implied, seed=seed)
 
     def count_by_answer(self) -> dict[str, int]:
         """Number of pairs whose effective answer is similar, dissimilar and skipped."""
