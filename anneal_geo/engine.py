@@ -278,34 +278,55 @@ class Engine:
             )
 
     def _build_trainer(self) -> Any:
+        import torch
+
         from anneal_geo.training import MetricModel, Trainer
 
         cfg = self.config
-        import torch
-
+        if cfg.train_mode == "full" and not getattr(self.backbone, "trainable", True):
+            raise ConfigError(
+                f"backbone '{cfg.backbone}' has no trainable trunk; use --train-mode head"
+            )
         torch.manual_seed(cfg.seed)
         trunk = self.backbone.checked_build(
             self.pool.bands, self.pool.band_mean.tolist(), self.pool.band_std.tolist()
         )
-        model = MetricModel(trunk, out_dim=cfg.embedding_dim)
-        mode = cfg.train_mode
-        if mode == "full" and not getattr(self.backbone, "trainable", True):
-            raise ConfigError(
-                f"backbone '{cfg.backbone}' has no trainable trunk; use --train-mode head"
-            )
-        trainer = Trainer(model, mode=mode, margin=cfg.margin, epochs=cfg.epochs, seed=cfg.seed)
-        trainer.attach(
-            self.pool,
-            cache_path=self.session.directory / "trunk_features.npy",
+        model = MetricModel(trunk, out_dim=cfg.embedding_dim, seed=cfg.seed)
+        trainer = Trainer(
+            model,
+            mode=cfg.train_mode,
+            margin=cfg.margin,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
             progress=self.progress,
         )
+        if cfg.train_mode == "head":
+            # Trunk features are computed once per session and reused by every round and
+            # by resume (the trunk is frozen in head mode).
+            cache = self.session.directory / "trunk_features.npy"
+            features = None
+            if cache.exists():
+                features = np.load(cache)
+                if features.shape != (len(self.pool), model.trunk_dim):
+                    features = None
+            if features is None:
+                trainer.cache_features(self._patch_source, len(self.pool), path=cache)
+            else:
+                trainer.set_features(features)
         latest = self.session.latest_checkpoint()
         if latest is not None:
-            trainer.load(latest[1])
+            trainer.load_state_dict(torch.load(latest[1], weights_only=True))
         return trainer
 
+    def _patch_source(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.pool.float_patches(ids), dtype=np.float32)
+
+    def _embed(self) -> np.ndarray:
+        out = self.trainer.embed(self._patch_source, len(self.pool))
+        return np.asarray(out, dtype=np.float32)
+
     def _initial_embeddings(self) -> np.ndarray:
-        return np.asarray(self.trainer.embed(progress=self.progress), dtype=np.float32)
+        return self._embed()
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -406,13 +427,15 @@ class Engine:
         labelled = self.labelled()
         metrics_before = self.evaluate() if round_index == 0 else {}
         t0 = time.perf_counter()
-        train_stats = self.trainer.train_round(labelled.pairs, labelled.labels)
+        train_stats = self.trainer.train_round(
+            labelled.pairs, labelled.labels, self._patch_source, len(self.pool)
+        )
         t_trained = time.perf_counter()
-        self.embeddings = np.asarray(self.trainer.embed(progress=False), dtype=np.float32)
+        self.embeddings = self._embed()
         t_embedded = time.perf_counter()
         metrics = self.evaluate()
         t_evaluated = time.perf_counter()
-        self.trainer.save(self.session.checkpoint_path(round_index))
+        self._save_checkpoint(round_index)
 
         counts = self.store.count_by_answer()
         answered = self.store.answers()[1]
@@ -439,7 +462,8 @@ class Engine:
             "backbone": cfg.backbone,
             "seed": cfg.seed,
             **stats,
-            "train_loss": train_stats.get("loss"),
+            "train_loss": round(float(train_stats.loss), 5),
+            "train_steps": int(train_stats.steps),
         }
         threshold = getattr(self.estimator, "threshold_", None)
         if threshold is not None and round_index > 0:
@@ -451,6 +475,14 @@ class Engine:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+    def _save_checkpoint(self, round_index: int) -> None:
+        import torch
+
+        path = self.session.checkpoint_path(round_index)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.trainer.state_dict(), tmp)
+        tmp.replace(path)
 
     def _round_answers(self, round_index: int) -> np.ndarray:
         _, labels, rounds = self.store.answers()

@@ -213,7 +213,7 @@ def test_oracle_refuses_one_class_pool(tmp_path):
     pool_dir = tmp_path / "pool"
     pool.save(pool_dir)
     session = new_session(tmp_path, pool_dir)
-    with pytest.raises(DataError, match="one class"):
+    with pytest.raises(DataError, match="only 1 class"):
         Engine(session, PatchPool.open(pool_dir), progress=False)
 
 

@@ -42,11 +42,12 @@ MODES: Final = ("auto", "exhaustive", "knn")
 DEFAULT_BLOCK_SIZE: Final = 1_000_000
 
 #: Largest pool scored exhaustively by ``auto``. Measured on the 2-core development machine
-#: (torch, inference mode, 64k-pair chunks): scoring 1M pairs with the BCGUE head
-#: (g_ij = [|f_i - f_j|, f_i * f_j], D = 128, 256 -> 256 -> 1 MLP) takes about 2.8 s; MGUE
-#: (distances only) about 0.3 s. 1,500 patches give 1.12M pairs, about 3 s for BCGUE per round,
-#: the "few seconds" we allow; 2,000 would already be 2M pairs (about 6 s) and the cost grows
-#: with N^2, while knn grows with N K.
+#: (torch 2 threads, inference mode, 64k-pair chunks): scoring 1M pairs with the BCGUE head
+#: (g_ij = [|f_i - f_j|, f_i * f_j], D = 128, 256 -> 256 -> 1 MLP) takes 2.6-2.9 s wall on a
+#: quiet machine (5-6 s of CPU time; 7-12 s wall while other jobs share the cores); MGUE
+#: (distances only) about 0.3 s; enumerating the pairs themselves 0.08 s per 1.1M. 1,500
+#: patches give 1.12M pairs, about 3 s per round for BCGUE, the "few seconds" we allow;
+#: 2,000 would be 2M pairs (about 6 s), and the cost grows with N^2 while knn grows with N K.
 EXHAUSTIVE_MAX_PATCHES: Final = 1_500
 
 # Queries per faiss search call in knn_candidates: bounds the (chunk, k + 1) result arrays.
