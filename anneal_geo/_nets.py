@@ -168,7 +168,12 @@ class SpectralTrunk(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Conv blocks ((3x3 conv, BN, ReLU) x convs_per_block, 2x2 max-pool), global average pool."""
+    """Conv blocks of (3x3 conv, batch norm, ReLU), each halving the resolution, then global
+    average pooling.
+
+    ``downsample="stride"`` halves with a stride-2 convolution, ``"pool"`` with a stride-1
+    convolution and 2x2 max-pooling (4x the compute: the first block runs at full resolution).
+    """
 
     def __init__(
         self,
@@ -177,20 +182,23 @@ class SmallCNN(nn.Module):
         std: Sequence[float],
         widths: Sequence[int] = (32, 64, 128, 256),
         convs_per_block: int = 1,
+        downsample: str = "stride",
     ) -> None:
         super().__init__()
         self.standardize = Standardize(mean, std)
         layers: list[nn.Module] = []
         c_in = in_channels
         for width in widths:
-            for _ in range(convs_per_block):
+            for i in range(convs_per_block):
+                stride = 2 if downsample == "stride" and i == 0 else 1
                 layers += [
-                    nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                    nn.Conv2d(c_in, width, 3, stride=stride, padding=1, bias=False),
                     nn.BatchNorm2d(width),
                     nn.ReLU(inplace=True),
                 ]
                 c_in = width
-            layers.append(nn.MaxPool2d(2))
+            if downsample == "pool":
+                layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.out_dim = int(widths[-1])
         for m in self.modules():

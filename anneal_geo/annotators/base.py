@@ -67,8 +67,9 @@ class Annotator(ABC):
             raise  # already a one-line message naming what is wrong
         except Exception as exc:
             raise PluginError(
-                f"{plugin_label(self)}: annotate() raised {type(exc).__name__}: "
-                f"{exc}".splitlines()[0]
+                f"{plugin_label(self)}: annotate() raised {type(exc).__name__}: {exc}".splitlines()[
+                    0
+                ]
             ) from exc
         count = 0
         while True:

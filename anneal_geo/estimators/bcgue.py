@@ -52,7 +52,9 @@ class BCGUEEstimator(Estimator):
     pairs) using Adam, starting from the previous fit's weights when the embedding
     dimension is unchanged and from a fresh seeded initialisation otherwise. A fit
     runs ``epochs`` passes over the labelled pairs but at most ``max_steps`` minibatch
-    steps, so its cost stays bounded when transitivity implies many pairs.
+    steps, so its cost stays bounded when transitivity implies many pairs. Training runs
+    on one torch thread (restored afterwards): minibatches this small gain nothing from
+    more, and busy cores made multi-threaded training 20 times slower.
 
     Everything random (initialisation, shuffling, dropout) is drawn inside a forked torch
     RNG seeded from ``seed`` and the fit count, so results repeat exactly for a seed and

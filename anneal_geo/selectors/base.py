@@ -82,9 +82,7 @@ class Selector(ABC):
         idx = check_array(self, "select() output", out, shape=(k,), kind="iu")
         idx = idx.astype(np.int64, copy=False)
         if idx.size and (idx.min() < 0 or idx.max() >= m):
-            raise PluginError(
-                f"{plugin_label(self)}: select() returned indices outside [0, {m})"
-            )
+            raise PluginError(f"{plugin_label(self)}: select() returned indices outside [0, {m})")
         if np.unique(idx).size != idx.size:
             raise PluginError(f"{plugin_label(self)}: select() returned repeated indices")
         return idx
