@@ -341,3 +341,8 @@ def main() -> None:
     except AnnealError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+# Commands defined in other modules attach themselves to `app` when imported; they keep
+# their heavy imports inside the commands, like this module.
+from anneal_geo import cli_geo, cli_label, cli_scale  # noqa: E402, F401

@@ -236,6 +236,7 @@ class Engine:
         self._check_store()
         self.trainer = self._build_trainer()
         self.embeddings = self._initial_embeddings()
+        self._round_stats: dict[str, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------------
     @staticmethod
@@ -294,7 +295,7 @@ class Engine:
         model = MetricModel(trunk, out_dim=cfg.embedding_dim, seed=cfg.seed)
         trainer = Trainer(
             model,
-            mode=cfg.train_mode,
+            mode=cfg.train_mode,  # type: ignore[arg-type]  # validated by SessionConfig
             margin=cfg.margin,
             epochs=cfg.epochs,
             seed=cfg.seed,
@@ -375,54 +376,73 @@ class Engine:
             shortlist_factor=cfg.shortlist_factor,
         )
 
-    def step(self) -> RoundResult:
-        """Run the next round (or finish the interrupted one) and return its record."""
+    # -- the round as three steps (used by step() and by interactive front ends) ----------
+    def round_pairs(self) -> np.ndarray:
+        """The pairs of the current round, choosing (and saving) them on first call.
+
+        The choice is written to ``pending.json`` before any question is asked, so a
+        restarted process asks the same pairs.
+        """
         round_index = self.rounds_done
-        rng = np.random.default_rng([self.config.seed, round_index])
-        t_start = time.perf_counter()
         pending = self.session.load_pending()
-        stats: dict[str, Any] = {}
         if pending is not None and pending[0] == round_index:
-            pairs = np.asarray(pending[1], dtype=np.int64).reshape(-1, 2)
-            stats["resumed"] = True
-        else:
-            pairs, stats = self._choose(round_index, rng)
-            self.session.save_pending(round_index, pairs.tolist())
-        t_selected = time.perf_counter()
+            self._round_stats.setdefault("resumed", True)
+            return np.asarray(pending[1], dtype=np.int64).reshape(-1, 2)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.config.seed, round_index])
+        pairs, stats = self._choose(round_index, rng)
+        stats["seconds_select"] = round(time.perf_counter() - t0, 3)
+        self._round_stats = stats
+        self.session.save_pending(round_index, pairs.tolist())
+        return pairs
 
-        # Ask only what has not been answered yet (a resumed round skips the rest).
-        from anneal_geo.pairs.candidates import pair_keys
+    def unanswered(self) -> np.ndarray:
+        """The current round's pairs that have no answer yet (skips count as answers)."""
+        from anneal_geo.pairs.candidates import in_sorted, pair_keys, sorted_keys
 
-        n = len(self.pool)
+        pairs = self.round_pairs()
         queried = self.store.queried()
-        if len(queried):
-            done = np.isin(pair_keys(pairs, n), pair_keys(queried, n))
-            to_ask = pairs[~done]
-        else:
-            to_ask = pairs
+        if not len(queried):
+            return pairs
+        n = len(self.pool)
+        return pairs[~in_sorted(pair_keys(pairs, n), sorted_keys(queried, n))]
+
+    def answer(self, i: int, j: int, value: int, annotator: str | None = None) -> int:
+        """Commit one answer (1 similar, 0 dissimilar, -1 skip) before returning its seq."""
+        return self.store.add(
+            i, j, value, round=self.rounds_done, annotator=annotator or self.config.annotator
+        )
+
+    def finish_round(self) -> dict[str, Any]:
+        """Train, re-embed and evaluate once every pair of the round has an answer."""
+        left = len(self.unanswered())
+        if left:
+            raise SessionError(
+                f"round {self.rounds_done} still has {left} unanswered pairs; answer or skip "
+                "them first"
+            )
+        return self._finish_round(self.rounds_done, self.round_pairs(), self._round_stats)
+
+    def step(self) -> RoundResult:
+        """Run the next round (or finish the interrupted one) with the session's annotator."""
+        round_index = self.rounds_done
+        t0 = time.perf_counter()
+        to_ask = self.unanswered()
         asked = 0
-        for (i, j), answer in zip(
+        for (i, j), value in zip(
             to_ask.tolist(), self.annotator.checked_annotate(to_ask, self.pool), strict=False
         ):
-            self.store.add(i, j, answer, round=round_index, annotator=self.config.annotator)
+            self.answer(i, j, value)
             asked += 1
-        t_annotated = time.perf_counter()
-        complete = asked == len(to_ask)
-        if not complete:  # a person stopped early: keep what was answered, resume later
+        self._round_stats["seconds_annotate"] = round(time.perf_counter() - t0, 3)
+        if asked < len(to_ask):  # a person stopped early: keep what was answered, resume later
             return RoundResult({"round": round_index, "answered": asked}, complete=False)
-
-        record = self._finish_round(round_index, pairs, stats, t_start, t_selected, t_annotated)
-        return RoundResult(record, complete=True)
+        return RoundResult(self.finish_round(), complete=True)
 
     def _finish_round(
-        self,
-        round_index: int,
-        pairs: np.ndarray,
-        stats: dict[str, Any],
-        t_start: float,
-        t_selected: float,
-        t_annotated: float,
+        self, round_index: int, pairs: np.ndarray, stats: dict[str, Any]
     ) -> dict[str, Any]:
+        t_start = time.perf_counter()
         cfg = self.config
         labelled = self.labelled()
         metrics_before = self.evaluate() if round_index == 0 else {}
@@ -451,9 +471,8 @@ class Engine:
             "round_similar": int(np.sum(round_answers == 1)),
             "contradictions": len(labelled.contradictions),
             **metrics,
-            "seconds": round(time.perf_counter() - t_start, 3),
-            "seconds_select": round(t_selected - t_start, 3),
-            "seconds_annotate": round(t_annotated - t_selected, 3),
+            "seconds_select": stats.get("seconds_select", 0.0),
+            "seconds_annotate": stats.get("seconds_annotate", 0.0),
             "seconds_train": round(t_trained - t0, 3),
             "seconds_embed": round(t_embedded - t_trained, 3),
             "seconds_evaluate": round(t_evaluated - t_embedded, 3),
@@ -461,7 +480,7 @@ class Engine:
             "selector": cfg.selector,
             "backbone": cfg.backbone,
             "seed": cfg.seed,
-            **stats,
+            **{k: v for k, v in stats.items() if not k.startswith("seconds_")},
             "train_loss": round(float(train_stats.loss), 5),
             "train_steps": int(train_stats.steps),
         }
@@ -470,8 +489,18 @@ class Engine:
             record["threshold"] = round(float(threshold), 5)
         if metrics_before:
             record["start"] = metrics_before
+        # Machine time of the round: selection, training, embedding, evaluation (the time a
+        # person spends answering is reported apart, as seconds_annotate).
+        record["seconds"] = round(
+            float(record["seconds_select"]) + (time.perf_counter() - t_start), 3
+        )
+        for key in ("fallback_reason", "balanced_accuracy_"):
+            value = getattr(self.estimator, key, None)
+            if value and round_index > 0:
+                record[key.rstrip("_")] = value if isinstance(value, str) else round(value, 4)
         self.session.append_history(record)
         self.session.clear_pending()
+        self._round_stats = {}
         if self.on_round is not None:
             self.on_round(record)
         return record

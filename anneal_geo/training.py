@@ -160,6 +160,9 @@ class Trainer:
         min_steps: fewest steps per round (default 50 head, 20 full).
         max_steps: most steps per round (default 2000 head, 300 full).
         augment: random flips and 90-degree rotations of the patches (``"full"`` mode).
+        batch_all: in ``"full"`` mode, the contrastive loss also uses every other labelled
+            pair among the patches of a batch (free: their embeddings are computed anyway),
+            weighting similar and dissimilar pairs equally.
         seed: seed of the trainer's generator (pair sampling, augmentation).
         device: torch device, ``"cpu"`` by default.
         progress: show tqdm bars while embedding (None: only on a terminal).
@@ -182,6 +185,7 @@ class Trainer:
         min_steps: int | None = None,
         max_steps: int | None = None,
         augment: bool = True,
+        batch_all: bool = True,
         seed: int = 0,
         device: str = "cpu",
         progress: bool | None = None,
@@ -201,9 +205,12 @@ class Trainer:
         self.lr_trunk = float(lr_trunk)
         self.epochs = float(defaults["epochs"] if epochs is None else epochs)
         self.batch_pairs = int(defaults["batch_pairs"] if batch_pairs is None else batch_pairs)
-        self.min_steps = int(defaults["min_steps"] if min_steps is None else min_steps)
         self.max_steps = int(defaults["max_steps"] if max_steps is None else max_steps)
+        self.min_steps = int(
+            min(defaults["min_steps"], self.max_steps) if min_steps is None else min_steps
+        )
         self.augment = bool(augment)
+        self.batch_all = bool(batch_all)
         self.seed = int(seed)
         self.device = torch.device(device)
         self.progress = progress
@@ -219,7 +226,8 @@ class Trainer:
             raise ConfigError(f"trainer setting batch_pairs must be at least 2, got {batch_pairs}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(
-                f"trainer settings need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}"
+                "trainer settings need 1 <= min_steps <= max_steps, got "
+                f"{self.min_steps}, {self.max_steps}"
             )
 
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -325,6 +333,11 @@ class Trainer:
                 max(self.min_steps, math.ceil(self.epochs * len(pairs) / self.batch_pairs)),
             )
         )
+        lookup = (
+            _PairLookup(pairs, labels, n_patches)
+            if self.mode == "full" and self.batch_all
+            else None
+        )
         triplets = _TripletSampler(pairs, labels) if self.loss_name == "triplet" else None
         use_triplets = triplets is not None and triplets.possible
         if triplets is not None and not use_triplets:
@@ -341,6 +354,17 @@ class Trainer:
                 ids = triplets.sample(self.batch_pairs, self.generator)
                 emb = self._embed_ids(ids.reshape(-1), getter).reshape(len(ids), 3, -1)
                 loss = _triplet_loss(emb[:, 0], emb[:, 1], emb[:, 2], self.margin)
+            elif lookup is not None:
+                rows = _balanced_rows(similar, dissimilar, self.batch_pairs, self.generator)
+                unique = np.unique(pairs[rows])
+                emb = self._embed_ids(unique, getter)
+                a, b, found = lookup.among(unique)
+                y = torch.as_tensor(found, dtype=torch.float32, device=self.device)
+                ia = torch.from_numpy(a).to(self.device)
+                ib = torch.from_numpy(b).to(self.device)
+                loss = _balanced_contrastive_loss(
+                    emb.index_select(0, ia), emb.index_select(0, ib), y, self.margin
+                )
             else:
                 rows = _balanced_rows(similar, dissimilar, self.batch_pairs, self.generator)
                 batch = pairs[rows]
@@ -529,6 +553,9 @@ def _check_pairs(pairs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndar
         raise DataError("no labelled pairs to train on")
     if p.min() < 0 or p.max() >= n:
         raise DataError(f"pair ids must lie in 0..{n - 1}, got {p.min()}..{p.max()}")
+    same = np.flatnonzero(p[:, 0] == p[:, 1])
+    if len(same):
+        raise DataError(f"pair ({p[same[0], 0]}, {p[same[0], 1]}) joins a patch to itself")
     return p, y
 
 
@@ -546,6 +573,25 @@ def _balanced_rows(
         return np.concatenate([similar[a], dissimilar[b]])
     only = similar if len(similar) else dissimilar
     return only[torch.randint(len(only), (batch,), generator=generator).numpy()]
+
+
+class _PairLookup:
+    """Finds the labelled pairs among a set of patches (vectorised, by sorted pair keys)."""
+
+    def __init__(self, pairs: np.ndarray, labels: np.ndarray, n: int) -> None:
+        lo, hi = pairs.min(axis=1), pairs.max(axis=1)
+        keys = lo * np.int64(n) + hi
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.labels, self.n = keys[order], labels[order], np.int64(n)
+
+    def among(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, labels): positions in ``ids`` (sorted, unique) of every labelled pair."""
+        a, b = np.triu_indices(len(ids), 1)
+        keys = ids[a] * self.n + ids[b]
+        pos = np.searchsorted(self.keys, keys)
+        pos_ok = np.minimum(pos, len(self.keys) - 1)
+        hit = self.keys[pos_ok] == keys
+        return a[hit], b[hit], self.labels[pos_ok[hit]]
 
 
 class _TripletSampler:
@@ -591,6 +637,22 @@ def _contrastive_loss(
 ) -> torch.Tensor:
     d = _distance(a, b)
     return (y * d.pow(2) + (1 - y) * (margin - d).clamp(min=0).pow(2)).mean()
+
+
+def _balanced_contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """The contrastive loss with similar and dissimilar pairs weighted equally."""
+    import torch
+
+    d = _distance(a, b)
+    pos = y > 0.5
+    terms = []
+    if bool(pos.any()):
+        terms.append(d[pos].pow(2).mean())
+    if bool((~pos).any()):
+        terms.append((margin - d[~pos]).clamp(min=0).pow(2).mean())
+    return torch.stack(terms).mean()
 
 
 def _triplet_loss(
