@@ -318,28 +318,12 @@ def test_resnet_checkpoint_with_bands_reorders_eurosat_channels(
 ) -> None:
     net = ssl4eo_order_resnet()
     path = tmp_path / "ssl4eo_like.pth"
-    # TorchGeo-task style: wrapped and prefixed, with the band list alongside.
-    torch.save(
-        {
-            "state_dict": {f"model.backbone.{k}": v for k, v in net.state_dict().items()},
-            "bands": [
-                "B1",
-                "B2",
-                "B3",
-                "B4",
-                "B5",
-                "B6",
-                "B7",
-                "B8",
-                "B8a",
-                "B9",
-                "B10",
-                "B11",
-                "B12",
-            ],
-        },
-        path,
-    )
+    # TorchGeo-task style: wrapped and prefixed, a projection head beside the backbone,
+    # and the band list (TorchGeo spelling) alongside.
+    state = {f"model.backbone.{k}": v for k, v in net.state_dict().items()}
+    state["model.projector.0.weight"] = torch.zeros(128, 512)
+    ssl4eo_spelling = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8a", "B9", "B10"]
+    torch.save({"state_dict": state, "bands": [*ssl4eo_spelling, "B11", "B12"]}, path)
     mean, std = stats(ms)
     backbone = ResNet18Backbone(weights=str(path), normalize="pool")
     trunk = backbone.checked_build(MS_BANDS, mean, std)

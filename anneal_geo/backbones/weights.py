@@ -48,6 +48,8 @@ _S2_NAME = re.compile(r"B(\d{1,2})(A?)")
 #: Wrappers training frameworks put in front of a backbone's parameter names
 #: (Lightning/TorchGeo tasks, MoCo/SimCLR encoders, DataParallel).
 _KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "encoder_q.", "net.")
+#: Top-level modules of a torchvision/timm ResNet trunk (everything but the classifier).
+_RESNET_PARTS = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})
 #: Seconds to wait for the weights host to answer before declaring the machine offline.
 _CONNECT_TIMEOUT_S = 5.0
 
@@ -348,8 +350,9 @@ def checkpoint_state_dict(obj: Mapping[str, Any], *, source: str = "checkpoint")
 
     Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``
     (Lightning, TorchGeo tasks), and strips wrapper prefixes such as ``backbone.``,
-    ``model.``, ``encoder.``, ``module.``. timm's ResNet names equal torchvision's. The
-    classifier (``fc.*``) is dropped: the trunk ends at global pooling.
+    ``model.``, ``encoder.``, ``module.``. timm's ResNet names equal torchvision's. Only
+    the trunk (``conv1``, ``bn1``, ``layer1``..``layer4``) is kept: the classifier and any
+    projector are dropped, the trunk ends at global pooling.
 
     Raises:
         DataError: no ``conv1.weight`` is found after unwrapping.
@@ -374,7 +377,8 @@ def checkpoint_state_dict(obj: Mapping[str, Any], *, source: str = "checkpoint")
             f"{source}: no ResNet 'conv1.weight' found (keys start: {sample}); save the "
             "ResNet's state dict (torchvision or timm names, optionally prefixed backbone./model.)"
         )
-    return {k: v for k, v in tensors.items() if not k.startswith(("fc.", "head."))}
+    # Keep the trunk only: classifier, projector and momentum-encoder entries are dropped.
+    return {k: v for k, v in tensors.items() if k.split(".", 1)[0] in _RESNET_PARTS}
 
 
 def checkpoint_bands(obj: Mapping[str, Any], path: str | Path) -> list[str] | None:
