@@ -1,5 +1,60 @@
-"""`anneal-geo` commands contributed by this module (registered on import by cli.py)."""
+"""`anneal-geo label SESSION`: answer a session's pairs by hand in the terminal.
+
+Registered on import by cli.py. Heavy imports stay inside the command.
+"""
 
 from __future__ import annotations
 
-from anneal_geo.cli import app  # noqa: F401  (commands attach to it)
+from pathlib import Path
+
+import typer
+
+from anneal_geo.cli import app
+
+
+@app.command("label")
+def label(
+    session_dir: Path = typer.Argument(..., help="A session directory (from `anneal-geo run`)."),
+    bands: str = typer.Option(
+        "true",
+        help="Picture bands: 'true' (B04,B03,B02), 'false' (B08,B04,B03) or three "
+        "comma-separated band names.",
+    ),
+    rounds: int | None = typer.Option(
+        None, help="Label this many more rounds than are finished (default: finish the session)."
+    ),
+    png: Path | None = typer.Option(
+        None, help="Where to write the current pair's picture (default SESSION/current_pair.png)."
+    ),
+) -> None:
+    """Ask the session's pairs one by one: y (similar), n (dissimilar), s (skip), u (undo), q.
+
+    Each answer is saved to SESSION/annotations.sqlite before `saved answer N` is printed.
+    When a round's pairs are all answered the model is trained and the next round's pairs
+    are chosen. Answers can be piped in (one per line; end of input quits), and a killed
+    labeller loses no acknowledged answer: rerun the command to continue.
+    """
+    from anneal_geo.annotators.terminal import TerminalLabeller
+    from anneal_geo.data.pool import PatchPool
+    from anneal_geo.engine import Engine
+    from anneal_geo.session import Session
+
+    session = Session.open(session_dir)
+    if rounds is not None:
+        session.config.rounds = max(session.config.rounds, len(session.history()) - 1 + rounds)
+        session.save_settings()
+    pool = PatchPool.open(session.pool_dir)
+    typer.echo(f"opening {session_dir} ({len(pool)} patches); loading the model ...")
+    engine = Engine(session, pool, progress=False)
+    try:
+        labeller = TerminalLabeller(engine, bands=bands, png_path=png)
+        labeller.run()
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\ninterrupted: {len(engine.store)} answers are saved in {session.store_path}; "
+            f"continue with `anneal-geo label {session_dir}`",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    finally:
+        engine.close()
