@@ -323,7 +323,7 @@ class Engine:
         if cfg.train_mode == "head":
             # Trunk features are computed once per session and reused by every round and
             # by resume (the trunk is frozen in head mode).
-            cache = self.session.directory / "trunk_features.npy"
+            cache = self.session.directory / f"trunk_features_{self._trunk_key()}.npy"
             features = None
             if cache.exists():
                 features = np.load(cache)
@@ -337,6 +337,19 @@ class Engine:
         if latest is not None:
             trainer.load_state_dict(torch.load(latest[1], weights_only=True))
         return trainer
+
+    def _trunk_key(self) -> str:
+        """Identifies cached trunk features: backbone, its options and weights, the pool."""
+        import hashlib
+        import json
+
+        cfg = self.config
+        key = json.dumps(
+            [cfg.backbone, cfg.backbone_options, cfg.seed, self.pool.fingerprint, self.pool.bands],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def _patch_source(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.pool.float_patches(ids), dtype=np.float32)

@@ -306,31 +306,91 @@ class PatchPool:
         return cls._from_raw(read_bigearthnet(path))
 
     @classmethod
+    def from_tiles(
+        cls,
+        path: str | Path,
+        patch_size: int = 64,
+        *,
+        on_report: Callable[[Any], None] | None = None,
+        **options: Any,
+    ) -> PatchPool:
+        """Cut a folder of Sentinel-2 tiles into patches through TorchGeo (unlabelled).
+
+        Args:
+            path: the tile archive (one file per band, or one multi-band file per scene).
+            patch_size: patch side in pixels.
+            on_report: called with the :class:`~anneal_geo.data.tiles.IngestReport`
+                (patches read, kept, skipped as nodata or cloud).
+            **options: ``stride``, ``bands``, ``res``, ``cloud_mask``, ``max_nodata``,
+                ``read_block``, ``num_workers``, ``progress`` of
+                :func:`~anneal_geo.data.tiles.read_tiles`.
+        """
+        from anneal_geo.data.tiles import read_tiles
+
+        read = read_tiles(path, patch_size, **options)
+        if on_report is not None:
+            on_report(read.report)
+        return cls(
+            read.patches,
+            read.bands,
+            sources=read.sources,
+            source_crs=list(read.crs),
+            source_sha256=read.checksums,
+            footprints=read.footprints,
+            resolution=read.resolution,
+        )
+
+    @classmethod
+    def from_xarray(cls, data: Any, patch_size: int | None = None, **options: Any) -> PatchPool:
+        """A pool from an xarray ``DataArray``: a (band, y, x) or (time, band, y, x) cube cut
+        into patches, or the (patch, band, y, x) array of :meth:`to_xarray`.
+
+        See :func:`anneal_geo.data.cube.pool_arrays_from_xarray` for the options.
+        """
+        from anneal_geo.data.cube import pool_arrays_from_xarray
+
+        return cls(**pool_arrays_from_xarray(data, patch_size, **options))
+
+    def to_xarray(self) -> Any:
+        """The patches as an ``xarray.DataArray`` (patch, band, y, x) with band names and
+        footprint coordinates (see :func:`anneal_geo.data.cube.pool_to_xarray`)."""
+        from anneal_geo.data.cube import pool_to_xarray
+
+        return pool_to_xarray(self)
+
+    @classmethod
     def load(cls, source: str | Path, bands: Sequence[str] | None = None) -> PatchPool:
         """Open a pool directory, or read a BigEarthNet or class-folder archive.
 
         Args:
-            source: a saved pool directory (has ``pool.json``), a BigEarthNet folder, or a
-                class-folder archive.
-            bands: band names for a class-folder archive (ignored otherwise).
+            source: a saved pool directory (has ``pool.json``), a BigEarthNet folder, a tile
+                archive (read with :meth:`from_tiles` at its defaults) or a class-folder
+                archive.
+            bands: band names for a class-folder archive, the bands to read from a tile
+                archive (ignored otherwise).
 
         Raises:
             DataError: ``source`` is none of the accepted layouts.
         """
         from anneal_geo.data.bigearthnet import is_bigearthnet
         from anneal_geo.data.folders import find_class_folders
+        from anneal_geo.data.tiles import is_tile_archive
 
         source = Path(source)
         if (source / POOL_FILE).is_file():
             return cls.open(source)
         if is_bigearthnet(source):
             return cls.from_bigearthnet(source)
+        if is_tile_archive(source):
+            # Tiles are cut into 64 px patches here; `pool build --patch-size` chooses.
+            return cls.from_tiles(source, bands=bands)
         try:
             find_class_folders(source)
         except DataError as exc:
             raise DataError(
                 f"{source} is not a pool directory ({POOL_FILE}), a BigEarthNet folder "
-                "(<patch>/<patch>_B02.tif) or a class-folder archive (<Class>/*.tif|*.jpg|*.png); "
+                "(<patch>/<patch>_B02.tif), a tile archive (<scene>/B04.tif or multi-band "
+                "scenes) or a class-folder archive (<Class>/*.tif|*.jpg|*.png); "
                 "point to one of these"
             ) from exc
         return cls.from_folder(source, bands)

@@ -1,0 +1,912 @@
+"""Tile archives: Sentinel-2 scenes cut into patches through TorchGeo.
+
+Two layouts are read, and may be mixed in one archive:
+
+- **one file per band** (Major TOM ``<product>/B04.tif``, SAFE ``IMG_DATA/R10m/
+  T48QUE_20200223T032739_B04_10m.jp2``, BigEarthNet ``<patch>_B04.tif``): the files of a
+  scene are found by their band name; the bands at 20 m and 60 m are resampled by TorchGeo
+  (bilinear) onto the grid of the finest requested band, or onto ``res``;
+- **one multi-band file per scene** (GeoTIFF or JP2): band names come from the band
+  descriptions, or from the band count (13: EuroSAT-MS order, 12: Level-2A order).
+
+Each scene becomes one TorchGeo ``RasterDataset`` (:func:`dataset_classes`) in its **own
+CRS**: scenes in different UTM zones are never reprojected into a common CRS and never
+mosaicked together; every patch keeps its scene's CRS (the ``crs`` column of the
+footprints), and the common EPSG:4326 ``geometry`` lets them be queried together. This also
+keeps two acquisitions of the same place apart (a single dataset would merge them).
+
+The patch grid of a scene is TorchGeo's ``GriddedPatchSampler``, restricted by a region of
+interest to whole patches inside the scene (the remainder is split evenly between the
+edges, as the sampler does), so no patch is padded with fill. The sampler's slices are
+exact float64 coordinates, and the footprints and pixel windows are computed from them
+(a sample's ``bounds`` tensor is float32, which is about half a metre off on a UTM
+northing). Patches are read through a ``DataLoader`` in blocks of up to
+``read_block x read_block`` neighbouring patches (one TorchGeo read per block, cut into
+patches with numpy): TorchGeo spends about 1 ms of Python per band and read, which would
+otherwise dominate (``read_block=1`` reads each patch on its own; the values are the same).
+
+Patches that are mostly nodata (every band equal to the nodata value, 0 for Sentinel-2
+L2A files that declare none), or mostly cloud when a cloud mask is given (Major TOM's
+``cloud_mask.tif``: non-zero is cloud), are skipped: a patch is kept when at most
+``max_nodata`` of its pixels are nodata or cloud. :class:`IngestReport` counts them.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anneal_geo.data.bands import S2_ALL_BANDS, infer_band_names, normalise_band_name
+from anneal_geo.data.sources import GeoRef, natural_key, sha256_file
+from anneal_geo.errors import ConfigError, DataError
+
+__all__ = [
+    "DEFAULT_MAX_NODATA",
+    "DEFAULT_PATCH_SIZE",
+    "TILE_SUFFIXES",
+    "IngestReport",
+    "ReportCallback",
+    "Scene",
+    "TileRead",
+    "dataset_classes",
+    "find_scenes",
+    "is_tile_archive",
+    "patch_grid",
+    "read_tiles",
+]
+
+#: Patch side in pixels when none is given (EuroSAT's 64 px at 10 m: 640 m).
+DEFAULT_PATCH_SIZE = 64
+#: Skip a patch when more than this share of its pixels is nodata or cloud.
+DEFAULT_MAX_NODATA = 0.5
+#: Raster files a tile archive may hold (JPEG/PNG previews are never scenes).
+TILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
+#: Patches per side of one TorchGeo read (see the module docstring).
+DEFAULT_READ_BLOCK = 8
+# A raster at least this large (and georeferenced) is a scene, not a patch, when telling a
+# tile archive from a class-folder archive (EuroSAT 64 px, BigEarthNet 120, UC Merced 256).
+_MIN_SCENE_SIDE = 512
+
+# B4, B04, B8A, with an optional prefix (tile and date) and resolution suffix (_10m).
+_BAND_FILE = re.compile(
+    r"^(?:(?P<prefix>.+?)[_.-])?(?P<band>B(?:0?[1-9]|1[0-2]|8A))(?:_(?P<res>\d+)m)?"
+    r"\.(?:tiff?|jp2)$",
+    re.IGNORECASE,
+)
+_RESOLUTION_DIR = re.compile(r"^R\d+m$", re.IGNORECASE)
+_MASK_STEM = "cloud_mask"
+
+
+def _is_raster(path: Path) -> bool:
+    return path.suffix.lower() in TILE_SUFFIXES and path.is_file()
+
+
+def _is_mask_name(path: Path) -> bool:
+    stem = path.stem.lower()
+    return stem == _MASK_STEM or stem.endswith("_" + _MASK_STEM)
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One acquisition: its band files (per-band layout) or its multi-band file.
+
+    Attributes:
+        name: the scene as shown in messages (its folder or file, relative to the archive).
+        band_files: band name -> file, for the one-file-per-band layout (else empty).
+        file: the multi-band file, for the one-file-per-scene layout (else None).
+        cloud_mask: the scene's cloud mask (non-zero = cloud), or None.
+    """
+
+    name: str
+    band_files: dict[str, Path] = field(default_factory=dict)
+    file: Path | None = None
+    cloud_mask: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        """The folder the scene's files lie in (for a SAFE product, the IMG_DATA folder)."""
+        if self.file is not None:
+            return self.file.parent
+        first = next(iter(self.band_files.values()))
+        parent = first.parent
+        return parent.parent if _RESOLUTION_DIR.match(parent.name) else parent
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """(folder, raster files) for every folder under ``root``, in natural order."""
+    for folder, dirs, files in os.walk(root):
+        # Hidden and private folders (.git, __pycache__) never hold scenes.
+        dirs[:] = sorted((d for d in dirs if not d.startswith((".", "_"))), key=natural_key)
+        rasters = [Path(folder) / f for f in sorted(files, key=natural_key)]
+        yield Path(folder), [p for p in rasters if p.suffix.lower() in TILE_SUFFIXES]
+
+
+def _band_resolution(match: re.Match[str]) -> int:
+    res = match.group("res")
+    return int(res) if res else 0
+
+
+def _resolve_mask(
+    cloud_mask: str | Path | None, scene_dir: Path, candidates: Sequence[Path], where: str
+) -> Path | None:
+    if cloud_mask is None:
+        return None
+    text = str(cloud_mask)
+    if text.lower() == "none":
+        return None
+    if text.lower() == "auto":
+        return candidates[0] if candidates else None
+    path = Path(text)
+    if path.is_absolute() or path.is_file():
+        if not path.is_file():
+            raise DataError(f"cloud mask {path} does not exist; give an existing file or 'none'")
+        return path
+    found = scene_dir / path
+    if not found.is_file():
+        raise DataError(
+            f"scene {where} has no cloud mask {found.name} (looked for {found}); add it, or "
+            "pass --cloud-mask auto or none"
+        )
+    return found
+
+
+def find_scenes(root: str | Path, cloud_mask: str | Path | None = "auto") -> list[Scene]:
+    """The scenes of a tile archive, in natural order of their paths.
+
+    A folder holding band files (``B04.tif``, ``..._B04_10m.jp2``) holds one scene per
+    file-name prefix; its other rasters (cloud mask, SCL, TCI) are auxiliary. In a folder
+    without band files every raster is a multi-band scene. ``root`` may also be one file.
+
+    Args:
+        root: the archive folder, or one multi-band scene file.
+        cloud_mask: ``"auto"`` (``cloud_mask.tif`` beside the band files, or
+            ``<scene>_cloud_mask.tif`` beside a multi-band file), ``None``/``"none"``, a
+            file name looked up in every scene's folder, or the path of one mask file.
+
+    Raises:
+        DataError: the path does not exist, holds no rasters, or a band appears twice.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist; give the folder that holds your tiles")
+    if root.is_file():
+        if root.suffix.lower() not in TILE_SUFFIXES:
+            raise DataError(
+                f"{root} is not a GeoTIFF or JP2 raster; give a folder of Sentinel-2 tiles"
+            )
+        masks = [p for p in root.parent.glob(f"{glob.escape(root.stem)}_{_MASK_STEM}.*")]
+        return [
+            Scene(
+                root.name,
+                file=root,
+                cloud_mask=_resolve_mask(cloud_mask, root.parent, masks, root.name),
+            )
+        ]
+    grouped: dict[tuple[Path, str], dict[str, tuple[int, Path]]] = {}
+    masks_in: dict[Path, list[Path]] = {}
+    multi: list[Path] = []
+    for folder, rasters in _walk(root):
+        masks_in[folder] = [p for p in rasters if _is_mask_name(p)]
+        bands = [(p, _BAND_FILE.match(p.name)) for p in rasters if not _is_mask_name(p)]
+        if not any(m for _, m in bands):
+            multi.extend(p for p, _ in bands)
+            continue
+        scene_dir = folder.parent if _RESOLUTION_DIR.match(folder.name) else folder
+        for path, match in bands:
+            if match is None:
+                continue  # an auxiliary raster beside the band files (SCL, TCI, AOT)
+            band = normalise_band_name(match.group("band"))
+            assert band is not None  # the pattern only matches band names
+            key = (scene_dir, (match.group("prefix") or "").lower())
+            files = grouped.setdefault(key, {})
+            res = _band_resolution(match)
+            if band in files:
+                old_res, old = files[band]
+                if not res or not old_res or res == old_res:
+                    raise DataError(
+                        f"band {band} appears twice in one scene ({old} and {path}); keep one "
+                        "file per band and scene"
+                    )
+                if res > old_res:
+                    continue  # SAFE products repeat bands at coarser resolutions: keep finest
+            files[band] = (res, path)
+
+    def rel(path: Path) -> str:
+        try:
+            return str(path.relative_to(root)) or path.name
+        except ValueError:
+            return str(path)
+
+    scenes: list[Scene] = []
+    for (scene_dir, prefix), files in grouped.items():
+        name = rel(scene_dir) if not prefix else f"{rel(scene_dir)}/{prefix}"
+        candidates = masks_in.get(scene_dir, [])
+        scenes.append(
+            Scene(
+                name,
+                band_files={b: p for b, (_, p) in files.items()},
+                cloud_mask=_resolve_mask(cloud_mask, scene_dir, candidates, name),
+            )
+        )
+    for path in multi:
+        own = [
+            m
+            for m in masks_in.get(path.parent, [])
+            if m.stem.lower() == (path.stem.lower() + "_" + _MASK_STEM)
+        ]
+        lone = len([p for p in multi if p.parent == path.parent]) == 1
+        candidates = own or (
+            [m for m in masks_in.get(path.parent, []) if m.stem.lower() == _MASK_STEM]
+            if lone
+            else []
+        )
+        scenes.append(
+            Scene(
+                rel(path),
+                file=path,
+                cloud_mask=_resolve_mask(cloud_mask, path.parent, candidates, rel(path)),
+            )
+        )
+    if not scenes:
+        raise DataError(
+            f"{root} holds no rasters matching *.tif, *.tiff or *.jp2 (band files like B04.tif "
+            "or T33UUP_20200601T101031_B04_10m.jp2, or multi-band scene files); point to the "
+            "folder of your Sentinel-2 tiles"
+        )
+    scenes.sort(key=lambda s: natural_key(s.name))
+    return scenes
+
+
+def is_tile_archive(root: str | Path) -> bool:
+    """Whether ``root`` looks like a tile archive rather than a folder of ready-cut patches.
+
+    True when a folder holds band files of at least two bands (one file per band), or when
+    the first raster found is georeferenced and at least 512 px on its shorter side.
+    Reads at most one raster header.
+    """
+    root = Path(root)
+    if root.is_file():
+        return root.suffix.lower() in TILE_SUFFIXES
+    if not root.is_dir():
+        return False
+    first: Path | None = None
+    for _, rasters in _walk(root):
+        bands = {m.group("band").upper() for p in rasters if (m := _BAND_FILE.match(p.name))}
+        if len(bands) >= 2:
+            return True
+        if first is None and rasters:
+            first = rasters[0]
+    if first is None:
+        return False
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(first) as src:
+            return src.crs is not None and min(src.width, src.height) >= _MIN_SCENE_SIDE
+    except RasterioError:
+        return False
+
+
+# ---------------------------------------------------------------------------- probing
+
+
+@dataclass
+class _Probe:
+    """What the headers of one scene's files say (read once, before any pixel)."""
+
+    scene: Scene
+    bands: list[str]  # the bands this scene provides, in file (or ESA) order
+    crs: str
+    rio_crs: Any
+    native_res: dict[str, float]  # band -> pixel size (x)
+    dtypes: dict[str, str]
+    nodata: float | None
+
+
+def _open_header(path: Path, scene: str) -> dict[str, Any]:
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from anneal_geo.data.folders import crs_text
+
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise DataError(
+                    f"{path} has no CRS, so its patches cannot be placed on a map; give it one "
+                    f"(e.g. `rio edit-info --crs EPSG:32633 {path}`) or build the pool from "
+                    "class folders instead"
+                )
+            a, b, _, d, e, _ = tuple(src.transform)[:6]
+            if b != 0 or d != 0 or a <= 0 or e >= 0:
+                raise DataError(
+                    f"{path} is not north-up (transform {tuple(src.transform)[:6]}); warp it "
+                    "to a north-up grid first (e.g. gdalwarp)"
+                )
+            return {
+                "crs": crs_text(src.crs),
+                "rio_crs": src.crs,
+                "res": float(a),
+                "count": src.count,
+                "dtype": src.dtypes[0],
+                "nodata": src.nodata,
+                "descriptions": list(src.descriptions),
+                "bounds": tuple(src.bounds),
+            }
+    except RasterioError as exc:
+        raise DataError(
+            f"{path} of scene {scene} could not be read ({_reason(exc)}); re-download or remove it"
+        ) from exc
+
+
+def _probe(scene: Scene) -> _Probe:
+    if scene.file is not None:
+        head = _open_header(scene.file, scene.name)
+        try:
+            names = infer_band_names(
+                head["count"], head["descriptions"], rgb_image=False, where=str(scene.file)
+            )
+        except DataError as exc:
+            raise DataError(
+                f"{scene.file}: cannot tell the names of its {head['count']} band(s); set "
+                "Sentinel-2 band descriptions (B02, B03, ...) on the file, e.g. with "
+                "`rio edit-info --bidx 1 --description B02`"
+            ) from exc
+        return _Probe(
+            scene,
+            names,
+            head["crs"],
+            head["rio_crs"],
+            dict.fromkeys(names, head["res"]),
+            dict.fromkeys(names, head["dtype"]),
+            head["nodata"],
+        )
+    heads = {band: _open_header(path, scene.name) for band, path in scene.band_files.items()}
+    crss = {h["crs"] for h in heads.values()}
+    if len(crss) > 1:
+        raise DataError(
+            f"the band files of scene {scene.name} are in different CRSs "
+            f"({', '.join(sorted(crss))}); re-download the scene"
+        )
+    order = [b for b in S2_ALL_BANDS if b in heads]
+    first = heads[order[0]]
+    return _Probe(
+        scene,
+        order,
+        first["crs"],
+        first["rio_crs"],
+        {b: heads[b]["res"] for b in order},
+        {b: heads[b]["dtype"] for b in order},
+        first["nodata"],
+    )
+
+
+def _select_bands(probe: _Probe, wanted: Sequence[str]) -> list[str]:
+    chosen = []
+    for name in wanted:
+        band = normalise_band_name(name) or name
+        if band not in probe.bands:
+            raise DataError(
+                f"band {name!r} is not in scene {probe.scene.name} (it has "
+                f"{', '.join(probe.bands)}); drop it from --bands or add its file"
+            )
+        chosen.append(band)
+    if len(set(chosen)) != len(chosen):
+        raise DataError(f"bands {list(wanted)} name the same band twice; give each band once")
+    return chosen
+
+
+# ---------------------------------------------------------------------------- the grid
+
+
+def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[int, int, int, int]:
+    """The whole-patch grid over a ``height x width`` raster.
+
+    Returns:
+        ``(rows, cols, row0, col0)``: patches per column and row and the pixel offset of the
+        first patch; the pixels left over are split evenly between the edges (the extra
+        one, if odd, at the bottom and right), as TorchGeo's ``GriddedPatchSampler`` centres
+        its grid.
+
+    Raises:
+        DataError: the patch is larger than the raster (the caller names the raster).
+    """
+    if size > height or size > width:
+        raise DataError(f"patch size {size} px is larger than the {width}x{height} px raster")
+    rows = (height - size) // stride + 1
+    cols = (width - size) // stride + 1
+    row0 = (height - (rows - 1) * stride - size) // 2
+    col0 = (width - (cols - 1) * stride - size) // 2
+    return rows, cols, row0, col0
+
+
+def _check_size(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive whole number of pixels")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- TorchGeo
+
+
+@functools.cache
+def dataset_classes() -> tuple[type[Any], type[Any], type[Any]]:
+    """The TorchGeo ``RasterDataset`` subclasses, defined on first use (importing TorchGeo
+    is slow, and importing this module must stay light).
+
+    Returns:
+        ``(Sentinel2BandFiles, MultiBandScene, CloudMask)``.
+    """
+    from torchgeo.datasets import RasterDataset
+
+    class Sentinel2BandFiles(RasterDataset):
+        """One scene stored as one file per band; bands resampled to one grid by TorchGeo.
+
+        The files were found by band name beforehand (:func:`find_scenes`), so the
+        reference band's file is the dataset's only indexed file and every other band is
+        looked up by name (:meth:`_update_filepath`) wherever it lies (SAFE keeps bands in
+        ``R10m``/``R20m``/``R60m`` folders).
+        """
+
+        separate_files = True
+        all_bands = S2_ALL_BANDS
+        rgb_bands = ("B04", "B03", "B02")
+        filename_regex = r".*"
+
+        def __init__(
+            self, band_files: dict[str, Path], bands: Sequence[str], reference: str,
+            res: tuple[float, float],
+        ) -> None:  # fmt: skip
+            self.band_files = {b: str(p) for b, p in band_files.items()}
+            path = self.band_files[reference]
+            self.filename_glob = glob.escape(os.path.basename(path))
+            # TorchGeo takes the grid from the indexed (reference) file; list it first.
+            super().__init__(paths=[path], res=res, bands=list(bands))
+
+        def _update_filepath(self, band: str, filepath: str) -> str:
+            return self.band_files[band]
+
+    class MultiBandScene(RasterDataset):
+        """One scene stored as one multi-band file; its band names are given."""
+
+        separate_files = False
+        filename_regex = r".*"
+
+        def __init__(
+            self, path: Path, file_bands: Sequence[str], bands: Sequence[str],
+            res: tuple[float, float],
+        ) -> None:  # fmt: skip
+            self.all_bands = tuple(file_bands)
+            self.filename_glob = glob.escape(path.name)
+            super().__init__(paths=[str(path)], res=res, bands=list(bands))
+
+    class CloudMask(RasterDataset):
+        """A scene's cloud mask (non-zero = cloud), read with nearest-neighbour resampling."""
+
+        is_image = False
+        filename_regex = r".*"
+
+        def __init__(self, path: Path, crs: Any, res: tuple[float, float]) -> None:
+            self.filename_glob = glob.escape(path.name)
+            super().__init__(paths=[str(path)], crs=crs, res=res)
+
+    return Sentinel2BandFiles, MultiBandScene, CloudMask
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run with one intra-op torch thread: the tensors per read are small, and several
+    threads on a busy machine made TorchGeo's per-read tensor copies 50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class IngestReport:
+    """What :func:`read_tiles` did.
+
+    Attributes:
+        scenes: scenes read.
+        windows: whole-patch windows on the grids (patches before skipping).
+        kept: patches kept (the pool's size).
+        skipped_nodata: windows skipped because more than ``max_nodata`` of their pixels
+            are nodata.
+        skipped_cloud: windows skipped because nodata and cloud together exceed it.
+        max_nodata: the threshold used.
+        crs_patches: patches kept per CRS.
+        seconds: wall time of reading (headers, pixels, skipping).
+    """
+
+    scenes: int = 0
+    windows: int = 0
+    kept: int = 0
+    skipped_nodata: int = 0
+    skipped_cloud: int = 0
+    max_nodata: float = DEFAULT_MAX_NODATA
+    crs_patches: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        """Windows skipped for nodata or cloud."""
+        return self.skipped_nodata + self.skipped_cloud
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        crs = ", ".join(f"{c}: {n}" for c, n in sorted(self.crs_patches.items()))
+        return (
+            f"read {self.windows} patch windows from {self.scenes} scene(s) in "
+            f"{self.seconds:.1f} s: kept {self.kept}, skipped {self.skipped} "
+            f"({self.skipped_nodata} mostly nodata, {self.skipped_cloud} mostly cloud; "
+            f"max nodata+cloud {self.max_nodata:.0%}); patches per CRS: {crs or 'none'}"
+        )
+
+
+@dataclass
+class TileRead:
+    """The patches read from a tile archive, before they become a ``PatchPool``.
+
+    Attributes:
+        patches: (N, C, P, P) array (the source dtype when no band was resampled, else
+            float32).
+        bands: band names, one per channel.
+        sources: per patch, its scene's reference file (the file its pixel window is in).
+        crs: per patch, its scene's CRS (``"EPSG:32648"``).
+        checksums: per patch, the SHA-256 of its source file.
+        georefs: per patch, its exact grid (from the sampler's float64 slices).
+        windows: (N, 2) int64 ``(row_off, col_off)`` of each patch in its scene's grid at
+            ``resolution`` (the source file's own grid when that is its resolution).
+        resolution: pixel size in CRS units.
+        report: counts and timing.
+    """
+
+    patches: np.ndarray
+    bands: list[str]
+    sources: list[str]
+    crs: list[str]
+    checksums: list[str]
+    georefs: list[GeoRef]
+    windows: np.ndarray
+    resolution: float
+    report: IngestReport
+
+    def footprints(self) -> Any:
+        """The footprints GeoDataFrame (the columns of :mod:`anneal_geo.data.footprints`)."""
+        from anneal_geo.data.footprints import build_footprints
+
+        frame = build_footprints(self.georefs, self.sources, [None] * len(self.sources))
+        if frame is not None:
+            frame["row_off"] = self.windows[:, 0]
+            frame["col_off"] = self.windows[:, 1]
+        return frame
+
+
+@dataclass
+class _Plan:
+    """A scene ready to read: dataset arguments, its grid, and where its patches go."""
+
+    probe: _Probe
+    bands: list[str]
+    reference_band: str
+    rows: int = 0
+    cols: int = 0
+    checksum: str = ""
+
+    @property
+    def source(self) -> Path:
+        """The file the patches' pixel windows refer to (the reference band's file)."""
+        scene = self.probe.scene
+        return scene.file if scene.file is not None else scene.band_files[self.reference_band]
+
+
+def _output_dtype(plans: Sequence[_Plan], res: float) -> np.dtype[Any]:
+    """The source dtype when no band of any scene is resampled and all share it (so the
+    values are exact), else float32 (what TorchGeo returns)."""
+    dtypes = {p.probe.dtypes[b] for p in plans for b in p.bands}
+    native = all(
+        math.isclose(p.probe.native_res[b], res, rel_tol=1e-9) for p in plans for b in p.bands
+    )
+    if native and len(dtypes) == 1:
+        dtype = np.dtype(dtypes.pop())
+        if dtype.kind in "ui" and dtype.itemsize <= 2:
+            return dtype
+    return np.dtype(np.float32)
+
+
+def _scene_dataset(plan: _Plan, res: float) -> Any:
+    band_cls, multi_cls, mask_cls = dataset_classes()
+    scene = plan.probe.scene
+    grid = (res, res)
+    try:
+        if scene.file is not None:
+            dataset = multi_cls(scene.file, plan.probe.bands, plan.bands, grid)
+        else:
+            dataset = band_cls(scene.band_files, plan.bands, plan.reference_band, grid)
+        if scene.cloud_mask is not None:
+            dataset = dataset & mask_cls(scene.cloud_mask, dataset.crs, dataset.res)
+    except Exception as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(
+            f"TorchGeo could not open scene {scene.name} ({type(exc).__name__}: "
+            f"{_reason(exc)}); check its files"
+        ) from exc
+    return dataset
+
+
+def _scene_slices(dataset: Any, plan: _Plan, size: int, stride: int) -> list[list[Any]]:
+    """The sampler's patch slices on a (rows x cols) grid, north-west patch first."""
+    import shapely
+    from torchgeo.samplers import GriddedPatchSampler
+
+    xs, ys, _ = dataset.bounds
+    rx, ry = dataset.res
+    width = round((xs.stop - xs.start) / rx)
+    height = round((ys.stop - ys.start) / ry)
+    try:
+        rows, cols, row0, col0 = patch_grid(height, width, size, stride)
+    except DataError:
+        raise DataError(
+            f"patch size {size} px is larger than scene {plan.probe.scene.name} "
+            f"({width}x{height} px at {rx:g} m); use a smaller --patch-size"
+        ) from None
+    # A region of interest exactly over the whole-patch grid, shrunk by a hair so the
+    # sampler's ceil() cannot add a row: the sampler then yields exactly this grid.
+    eps = 1e-3 * min(rx, ry)
+    x0 = xs.start + col0 * rx
+    y1 = ys.stop - row0 * ry
+    roi = shapely.box(
+        x0 + eps,
+        y1 - ((rows - 1) * stride + size) * ry + eps,
+        x0 + ((cols - 1) * stride + size) * rx - eps,
+        y1 - eps,
+    )
+    sampler = GriddedPatchSampler(dataset, size=size, stride=stride, roi=roi)
+    grid: list[list[Any]] = [[None] * cols for _ in range(rows)]
+    count = 0
+    for x, y in sampler:
+        col = (x.start - x0) / (stride * rx)
+        row = (y1 - y.stop) / (stride * ry)
+        r, c = round(row), round(col)
+        if abs(row - r) > 1e-6 or abs(col - c) > 1e-6 or not (0 <= r < rows and 0 <= c < cols):
+            raise DataError(
+                f"TorchGeo's sampler yielded a patch off the pixel grid of scene "
+                f"{plan.probe.scene.name} ({x}, {y}); this TorchGeo version is not supported"
+            )
+        grid[r][c] = (x, y)
+        count += 1
+    if count != rows * cols:
+        raise DataError(
+            f"TorchGeo's sampler yielded {count} patches for scene {plan.probe.scene.name}, "
+            f"expected {rows * cols}; this TorchGeo version is not supported"
+        )
+    plan.rows, plan.cols = rows, cols
+    return grid
+
+
+def _blocks(
+    grid: list[list[Any]], block: int
+) -> list[tuple[tuple[slice, slice], int, int, int, int]]:
+    """Group the patch grid into reads of up to ``block x block`` patches.
+
+    Returns:
+        per read: ``(slice, first row, first col, rows, cols)``.
+    """
+    rows, cols = len(grid), len(grid[0])
+    reads = []
+    for r in range(0, rows, block):
+        for c in range(0, cols, block):
+            nr, nc = min(block, rows - r), min(block, cols - c)
+            top_left = grid[r][c]
+            right = grid[r][c + nc - 1][0]
+            bottom = grid[r + nr - 1][c][1]
+            chip = (slice(top_left[0].start, right.stop), slice(bottom.start, top_left[1].stop))
+            reads.append((chip, r, c, nr, nc))
+    return reads
+
+
+def _cut(array: np.ndarray, nr: int, nc: int, size: int, stride: int) -> np.ndarray:
+    """(..., h, w) -> (nr * nc, ..., size, size): the patches of one block, row-major."""
+    view = np.lib.stride_tricks.sliding_window_view(array, (size, size), axis=(-2, -1))
+    view = view[..., ::stride, ::stride, :, :][..., :nr, :nc, :, :]
+    lead = array.ndim - 2
+    order = (lead, lead + 1, *range(lead), lead + 2, lead + 3)
+    return view.transpose(order).reshape(nr * nc, *array.shape[:-2], size, size)
+
+
+def _bad_pixels(patches: np.ndarray, nodata: float) -> np.ndarray:
+    """(n, P, P) bool: pixels where every band is nodata (or any band is NaN)."""
+    bad = (patches == nodata).all(axis=1)
+    if patches.dtype.kind == "f":
+        bad |= np.isnan(patches).any(axis=1)
+    return bad
+
+
+def read_tiles(
+    root: str | Path,
+    patch_size: int = DEFAULT_PATCH_SIZE,
+    *,
+    stride: int | None = None,
+    bands: Sequence[str] | None = None,
+    res: float | None = None,
+    cloud_mask: str | Path | None = "auto",
+    max_nodata: float = DEFAULT_MAX_NODATA,
+    read_block: int = DEFAULT_READ_BLOCK,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> TileRead:
+    """Cut every scene of a tile archive into patches through TorchGeo.
+
+    Args:
+        root: the archive folder (or one scene file); see :func:`find_scenes`.
+        patch_size: patch side P in pixels.
+        stride: pixels between neighbouring patches (default P: no overlap, no gap).
+        bands: band names to read, in this order (default: all bands of the first scene, in
+            ESA order for band files, file order for multi-band files).
+        res: pixel size in CRS units of the common grid (default: the finest requested band
+            of the first scene, 10 m for Sentinel-2 with a 10 m band).
+        cloud_mask: see :func:`find_scenes`.
+        max_nodata: skip a patch when more than this share of its pixels is nodata or cloud
+            (0 keeps only spotless patches; 1 keeps everything).
+        read_block: patches per side of one TorchGeo read.
+        num_workers: ``DataLoader`` worker processes (0: read in this process).
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        the patches, their exact footprints and an :class:`IngestReport`.
+
+    Raises:
+        DataError: no rasters, a raster without CRS, a requested band missing from a
+            scene, a patch larger than a scene, or every patch skipped.
+        ConfigError: a size, resolution or threshold out of range.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    size = _check_size(patch_size, "patch_size")
+    step = size if stride is None else _check_size(stride, "stride")
+    block = _check_size(read_block, "read_block")
+    if not 0.0 <= float(max_nodata) <= 1.0:
+        raise ConfigError(f"max_nodata={max_nodata!r} must lie in [0, 1] (a share of pixels)")
+    if res is not None and not (math.isfinite(res) and res > 0):
+        raise ConfigError(f"res={res!r} must be a positive pixel size in CRS units (e.g. 10)")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers={num_workers} must be 0 or more")
+
+    scenes = find_scenes(root, cloud_mask)
+    probes = [_probe(s) for s in scenes]
+    wanted = list(bands) if bands else probes[0].bands
+    plans = []
+    for probe in probes:
+        chosen = _select_bands(probe, wanted)
+        finest = min(probe.native_res[b] for b in chosen)
+        reference = next(b for b in chosen if probe.native_res[b] == finest)
+        plans.append(_Plan(probe, chosen, reference))
+    names = plans[0].bands
+    grid_res = float(res) if res is not None else min(plans[0].probe.native_res[b] for b in names)
+    dtype = _output_dtype(plans, grid_res)
+
+    datasets, grids = [], []
+    for plan in plans:
+        dataset = _scene_dataset(plan, grid_res)
+        grids.append(_scene_slices(dataset, plan, size, step))
+        datasets.append(dataset)
+        plan.checksum = sha256_file(plan.source)
+    total = sum(p.rows * p.cols for p in plans)
+    out = np.empty((total, len(names), size, size), dtype=dtype)
+    sources: list[str] = []
+    crs: list[str] = []
+    checksums: list[str] = []
+    georefs: list[GeoRef] = []
+    windows: list[tuple[int, int]] = []
+    report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
+    kept = 0
+    n_reads = sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans)
+    bar = tqdm(
+        total=n_reads,
+        desc=f"reading {Path(root).name}",
+        unit="read",
+        disable=None if progress is None else not progress,
+    )
+    with _one_torch_thread(), bar:
+        for plan, dataset, grid in zip(plans, datasets, grids, strict=True):
+            probe = plan.probe
+            nodata = float(probe.nodata) if probe.nodata is not None else 0.0
+            reads = _blocks(grid, block)
+            loader = DataLoader(
+                dataset,
+                sampler=[chip for chip, *_ in reads],
+                batch_size=None,
+                num_workers=num_workers,
+            )
+            x_origin = dataset.bounds[0].start
+            y_origin = dataset.bounds[1].stop
+            rx, ry = dataset.res
+            for sample, (_, r0, c0, nr, nc) in zip(loader, reads, strict=True):
+                image = sample["image"].numpy()
+                expect = (len(names), (nr - 1) * step + size, (nc - 1) * step + size)
+                if image.shape != expect:
+                    raise DataError(
+                        f"TorchGeo returned a {image.shape} block for scene {probe.scene.name}, "
+                        f"expected {expect}; this TorchGeo version is not supported"
+                    )
+                patches = _cut(image, nr, nc, size, step)
+                bad = _bad_pixels(patches, nodata)
+                nodata_share = bad.mean(axis=(1, 2))
+                if "mask" in sample:
+                    cloud = _cut(sample["mask"].numpy(), nr, nc, size, step) != 0
+                    bad |= cloud
+                share = bad.mean(axis=(1, 2))
+                keep = share <= max_nodata
+                report.skipped_nodata += int(np.sum(~keep & (nodata_share > max_nodata)))
+                report.skipped_cloud += int(np.sum(~keep & (nodata_share <= max_nodata)))
+                n_keep = int(keep.sum())
+                out[kept : kept + n_keep] = patches[keep]
+                kept += n_keep
+                for k in np.flatnonzero(keep).tolist():
+                    r, c = r0 + k // nc, c0 + k % nc
+                    x, y = grid[r][c]
+                    sources.append(str(plan.source))
+                    crs.append(probe.crs)
+                    checksums.append(plan.checksum)
+                    georefs.append(
+                        GeoRef(probe.crs, (rx, 0.0, float(x.start), 0.0, -ry, float(y.stop)),
+                               size, size)
+                    )  # fmt: skip
+                    windows.append(
+                        (round((y_origin - y.stop) / ry), round((x.start - x_origin) / rx))
+                    )
+                bar.update(1)
+    if kept == 0:
+        raise DataError(
+            f"all {total} patches of {root} were skipped: more than {max_nodata:.0%} of each is "
+            "nodata or cloud; raise --max-nodata or pass --cloud-mask none"
+        )
+    report.kept = kept
+    report.crs_patches = dict(Counter(crs))
+    report.seconds = time.perf_counter() - t0
+    patches_out = out if kept == total else out[:kept].copy()
+    return TileRead(
+        patches=patches_out,
+        bands=list(names),
+        sources=sources,
+        crs=crs,
+        checksums=checksums,
+        georefs=georefs,
+        windows=np.asarray(windows, dtype=np.int64).reshape(-1, 2),
+        resolution=grid_res,
+        report=report,
+    )
+
+
+ReportCallback = Callable[[IngestReport], None]
