@@ -29,7 +29,23 @@ _EXPORTS: dict[str, str] = {
     "register": "anneal_geo.plugins",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AnnealError",
+    "Annotator",
+    "Backbone",
+    "ConfigError",
+    "DataError",
+    "Estimator",
+    "PairStore",
+    "PatchPool",
+    "PluginError",
+    "Selector",
+    "Session",
+    "SessionConfig",
+    "SessionError",
+    "__version__",
+    "register",
+]
 
 if TYPE_CHECKING:
     from anneal_geo.annotators.base import Annotator

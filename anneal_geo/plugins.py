@@ -204,7 +204,7 @@ def names(group: str) -> list[str]:
 def base_class(group: str) -> type:
     """The contract base class of ``group`` (imported on demand)."""
     module, attr = _BASES[_check_group(group)]
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), attr)
 
 
 def _contract_problem(cls: Any, group: str) -> str:
@@ -264,12 +264,12 @@ def load(group: str, name: str) -> type:
     # Error messages of the base class name the plugin and where it comes from.
     cls.plugin_name = name
     cls.plugin_origin = info.origin
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 def create(group: str, name: str, /, **options: Any) -> Any:
     """Load plugin ``name`` of ``group`` and instantiate it with ``options``."""
-    cls = load(group, name)
+    cls: Any = load(group, name)
     try:
         return cls(**options)
     except TypeError as exc:

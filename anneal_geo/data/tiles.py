@@ -823,14 +823,13 @@ def read_tiles(
         datasets.append(dataset)
         plan.checksum = sha256_file(plan.source)
     total = sum(p.rows * p.cols for p in plans)
+    # Every window has a slot in row-major order (scene by scene, north-west first), so the
+    # patch ids do not depend on how the reads are blocked; skipped slots are dropped last.
     out = np.empty((total, len(names), size, size), dtype=dtype)
-    sources: list[str] = []
-    crs: list[str] = []
-    checksums: list[str] = []
-    georefs: list[GeoRef] = []
-    windows: list[tuple[int, int]] = []
+    keep_all = np.zeros(total, dtype=bool)
+    windows = np.zeros((total, 2), dtype=np.int64)
+    origins = np.zeros((total, 2), dtype=np.float64)  # x.start, y.stop of each slice
     report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
-    kept = 0
     n_reads = sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans)
     bar = tqdm(
         total=n_reads,
@@ -838,6 +837,7 @@ def read_tiles(
         unit="read",
         disable=None if progress is None else not progress,
     )
+    offset = 0
     with _one_torch_thread(), bar:
         for plan, dataset, grid in zip(plans, datasets, grids, strict=True):
             probe = plan.probe
@@ -864,46 +864,50 @@ def read_tiles(
                 bad = _bad_pixels(patches, nodata)
                 nodata_share = bad.mean(axis=(1, 2))
                 if "mask" in sample:
-                    cloud = _cut(sample["mask"].numpy(), nr, nc, size, step) != 0
-                    bad |= cloud
-                share = bad.mean(axis=(1, 2))
-                keep = share <= max_nodata
+                    bad |= _cut(sample["mask"].numpy(), nr, nc, size, step) != 0
+                keep = bad.mean(axis=(1, 2)) <= max_nodata
                 report.skipped_nodata += int(np.sum(~keep & (nodata_share > max_nodata)))
                 report.skipped_cloud += int(np.sum(~keep & (nodata_share <= max_nodata)))
-                n_keep = int(keep.sum())
-                out[kept : kept + n_keep] = patches[keep]
-                kept += n_keep
-                for k in np.flatnonzero(keep).tolist():
-                    r, c = r0 + k // nc, c0 + k % nc
+                rr, cc = np.divmod(np.arange(nr * nc), nc)
+                slots = offset + (r0 + rr) * plan.cols + (c0 + cc)
+                out[slots] = patches
+                keep_all[slots] = keep
+                for slot, r, c in zip(slots.tolist(), (r0 + rr).tolist(), (c0 + cc).tolist(),
+                                      strict=True):  # fmt: skip
                     x, y = grid[r][c]
-                    sources.append(str(plan.source))
-                    crs.append(probe.crs)
-                    checksums.append(plan.checksum)
-                    georefs.append(
-                        GeoRef(probe.crs, (rx, 0.0, float(x.start), 0.0, -ry, float(y.stop)),
-                               size, size)
-                    )  # fmt: skip
-                    windows.append(
-                        (round((y_origin - y.stop) / ry), round((x.start - x_origin) / rx))
+                    origins[slot] = (x.start, y.stop)
+                    windows[slot] = (
+                        round((y_origin - y.stop) / ry),
+                        round((x.start - x_origin) / rx),
                     )
                 bar.update(1)
-    if kept == 0:
+            offset += plan.rows * plan.cols
+    kept = np.flatnonzero(keep_all)
+    if kept.size == 0:
         raise DataError(
             f"all {total} patches of {root} were skipped: more than {max_nodata:.0%} of each is "
             "nodata or cloud; raise --max-nodata or pass --cloud-mask none"
         )
-    report.kept = kept
+    scene_of = np.repeat(np.arange(len(plans)), [p.rows * p.cols for p in plans])[kept]
+    sources = [str(plans[i].source) for i in scene_of.tolist()]
+    crs = [plans[i].probe.crs for i in scene_of.tolist()]
+    checksums = [plans[i].checksum for i in scene_of.tolist()]
+    res_xy = [datasets[i].res for i in scene_of.tolist()]
+    georefs = [
+        GeoRef(code, (rx, 0.0, float(x0), 0.0, -ry, float(y1)), size, size)
+        for code, (rx, ry), (x0, y1) in zip(crs, res_xy, origins[kept].tolist(), strict=True)
+    ]
+    report.kept = int(kept.size)
     report.crs_patches = dict(Counter(crs))
     report.seconds = time.perf_counter() - t0
-    patches_out = out if kept == total else out[:kept].copy()
     return TileRead(
-        patches=patches_out,
+        patches=out if kept.size == total else out[kept],
         bands=list(names),
         sources=sources,
         crs=crs,
         checksums=checksums,
         georefs=georefs,
-        windows=np.asarray(windows, dtype=np.int64).reshape(-1, 2),
+        windows=windows[kept],
         resolution=grid_res,
         report=report,
     )
