@@ -99,7 +99,14 @@ def select_pairs(
     from anneal_geo.pairs.candidates import candidate_blocks, default_mode
     from anneal_geo.selectors.descriptors import pair_descriptors
 
-    mode = default_mode(len(archive_ids)) if candidates == "auto" else candidates
+    if candidates == "auto":
+        # An estimator that ignores the embedding (the random baseline) gets a uniform
+        # sample of all pairs: restricting it to neighbour pairs would make "random pairs"
+        # about half similar on a large pool, a far stronger baseline than random.
+        uses_embeddings = getattr(estimator, "uses_embeddings", True)
+        mode = default_mode(len(archive_ids)) if uses_embeddings else "uniform"
+    else:
+        mode = candidates
     h = max(budget, shortlist_factor * budget)
     best_pairs = np.zeros((0, 2), dtype=np.int64)
     best_u = np.zeros(0, dtype=np.float64)

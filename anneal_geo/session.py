@@ -110,9 +110,10 @@ class SessionConfig:
             raise ConfigError("setting 'far_fraction' must lie in [0, 1]")
         if not 0.0 < self.query_fraction < 1.0:
             raise ConfigError("setting 'query_fraction' must lie in (0, 1)")
-        if self.candidates not in ("auto", "exhaustive", "knn"):
+        if self.candidates not in ("auto", "exhaustive", "knn", "uniform"):
             raise ConfigError(
-                f"setting 'candidates' is '{self.candidates}'; use auto, exhaustive or knn"
+                f"setting 'candidates' is '{self.candidates}'; use auto, exhaustive, knn "
+                "or uniform"
             )
         if self.train_mode not in ("head", "full"):
             raise ConfigError(f"setting 'train_mode' is '{self.train_mode}'; use head or full")

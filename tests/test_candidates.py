@@ -198,7 +198,7 @@ def test_modes_and_entry_point(eurosat_embeddings: np.ndarray) -> None:
     assert default_mode(EXHAUSTIVE_MAX_PATCHES + 1) == "knn"
     with pytest.raises(ConfigError, match=r"'nearest'.*auto, exhaustive, knn"):
         candidate_blocks("nearest", emb, np.arange(10), None, 0)  # raised at call time
-    assert MODES == ("auto", "exhaustive", "knn")
+    assert MODES == ("auto", "exhaustive", "knn", "uniform")
 
     ids = np.arange(100)
     exclude = np.array([[0, 1], [2, 3]])
@@ -221,3 +221,23 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_uniform_candidates_are_distinct_excluded_and_spread():
+    from anneal_geo.pairs.candidates import candidate_blocks, uniform_candidates
+
+    ids = np.arange(0, 4000, 2, dtype=np.int64)  # 2,000 patches, ~2M pairs
+    exclude = np.array([[0, 2], [4, 6]], dtype=np.int64)
+    pairs = uniform_candidates(ids, 50_000, exclude, np.random.default_rng(1))
+    assert pairs.shape == (50_000, 2)
+    assert (pairs[:, 0] < pairs[:, 1]).all() and np.isin(pairs, ids).all()
+    keys = pairs[:, 0] * 4000 + pairs[:, 1]
+    assert np.unique(keys).size == keys.size
+    assert not np.isin(keys, exclude[:, 0] * 4000 + exclude[:, 1]).any()
+    # Uniform over pairs: each patch appears about 2 * 50,000 / 2,000 = 50 times.
+    counts = np.bincount(pairs.ravel() // 2, minlength=2000)
+    assert 30 < counts.mean() < 70 and counts.std() < 15
+    # Small pools fall back to every pair.
+    small = np.concatenate(list(candidate_blocks("uniform", np.zeros((10, 2)), np.arange(10),
+                                                 None, 0)))
+    assert small.shape == (45, 2)

@@ -89,10 +89,6 @@ _RESOLUTION_DIR = re.compile(r"^R\d+m$", re.IGNORECASE)
 _MASK_STEM = "cloud_mask"
 
 
-def _is_raster(path: Path) -> bool:
-    return path.suffix.lower() in TILE_SUFFIXES and path.is_file()
-
-
 def _is_mask_name(path: Path) -> bool:
     stem = path.stem.lower()
     return stem == _MASK_STEM or stem.endswith("_" + _MASK_STEM)
@@ -751,6 +747,59 @@ def _bad_pixels(patches: np.ndarray, nodata: float) -> np.ndarray:
     return bad
 
 
+def _read_scene(
+    plan: _Plan,
+    dataset: Any,
+    grid: list[list[Any]],
+    out: np.ndarray,
+    keep: np.ndarray,
+    report: IngestReport,
+    options: dict[str, Any],
+    bar: Any,
+) -> None:
+    """Read one scene block by block into ``out`` (its rows x cols slots, row-major) and
+    mark the patches to keep."""
+    from torch.utils.data import DataLoader
+
+    size, step = options["size"], options["stride"]
+    max_nodata = options["max_nodata"]
+    nodata = float(plan.probe.nodata) if plan.probe.nodata is not None else 0.0
+    reads = _blocks(grid, options["block"])
+    loader = DataLoader(
+        dataset,
+        sampler=[chip for chip, *_ in reads],
+        batch_size=None,
+        num_workers=options["num_workers"],
+    )
+    for sample, (_, r0, c0, nr, nc) in zip(loader, reads, strict=True):
+        image = sample["image"].numpy()
+        expect = (out.shape[1], (nr - 1) * step + size, (nc - 1) * step + size)
+        if image.shape != expect:
+            raise DataError(
+                f"TorchGeo returned a {image.shape} block for scene {plan.probe.scene.name}, "
+                f"expected {expect}; this TorchGeo version is not supported"
+            )
+        patches = _cut(image, nr, nc, size, step)
+        bad = _bad_pixels(patches, nodata)
+        nodata_share = bad.mean(axis=(1, 2))
+        if "mask" in sample:
+            bad |= _cut(sample["mask"].numpy(), nr, nc, size, step) != 0
+        good = bad.mean(axis=(1, 2)) <= max_nodata
+        report.skipped_nodata += int(np.sum(~good & (nodata_share > max_nodata)))
+        report.skipped_cloud += int(np.sum(~good & (nodata_share <= max_nodata)))
+        rr, cc = np.divmod(np.arange(nr * nc), nc)
+        slots = (r0 + rr) * plan.cols + (c0 + cc)
+        out[slots] = patches
+        keep[slots] = good
+        bar.update(1)
+
+
+def _origins(grid: list[list[Any]]) -> np.ndarray:
+    """(rows * cols, 2) float64 ``(x.start, y.stop)`` of each slice: the exact top-left
+    corner of each patch, row-major."""
+    return np.array([(x.start, y.stop) for row in grid for x, y in row], dtype=np.float64)
+
+
 def read_tiles(
     root: str | Path,
     patch_size: int = DEFAULT_PATCH_SIZE,
@@ -789,7 +838,6 @@ def read_tiles(
             scene, a patch larger than a scene, or every patch skipped.
         ConfigError: a size, resolution or threshold out of range.
     """
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -822,80 +870,47 @@ def read_tiles(
         grids.append(_scene_slices(dataset, plan, size, step))
         datasets.append(dataset)
         plan.checksum = sha256_file(plan.source)
-    total = sum(p.rows * p.cols for p in plans)
+    counts = [p.rows * p.cols for p in plans]
+    total = sum(counts)
     # Every window has a slot in row-major order (scene by scene, north-west first), so the
     # patch ids do not depend on how the reads are blocked; skipped slots are dropped last.
     out = np.empty((total, len(names), size, size), dtype=dtype)
-    keep_all = np.zeros(total, dtype=bool)
-    windows = np.zeros((total, 2), dtype=np.int64)
-    origins = np.zeros((total, 2), dtype=np.float64)  # x.start, y.stop of each slice
+    keep = np.zeros(total, dtype=bool)
     report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
-    n_reads = sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans)
+    options = {
+        "size": size, "stride": step, "block": block, "max_nodata": float(max_nodata),
+        "num_workers": num_workers,
+    }  # fmt: skip
     bar = tqdm(
-        total=n_reads,
+        total=sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans),
         desc=f"reading {Path(root).name}",
         unit="read",
         disable=None if progress is None else not progress,
     )
-    offset = 0
+    bounds = np.cumsum([0, *counts])
     with _one_torch_thread(), bar:
-        for plan, dataset, grid in zip(plans, datasets, grids, strict=True):
-            probe = plan.probe
-            nodata = float(probe.nodata) if probe.nodata is not None else 0.0
-            reads = _blocks(grid, block)
-            loader = DataLoader(
-                dataset,
-                sampler=[chip for chip, *_ in reads],
-                batch_size=None,
-                num_workers=num_workers,
-            )
-            x_origin = dataset.bounds[0].start
-            y_origin = dataset.bounds[1].stop
-            rx, ry = dataset.res
-            for sample, (_, r0, c0, nr, nc) in zip(loader, reads, strict=True):
-                image = sample["image"].numpy()
-                expect = (len(names), (nr - 1) * step + size, (nc - 1) * step + size)
-                if image.shape != expect:
-                    raise DataError(
-                        f"TorchGeo returned a {image.shape} block for scene {probe.scene.name}, "
-                        f"expected {expect}; this TorchGeo version is not supported"
-                    )
-                patches = _cut(image, nr, nc, size, step)
-                bad = _bad_pixels(patches, nodata)
-                nodata_share = bad.mean(axis=(1, 2))
-                if "mask" in sample:
-                    bad |= _cut(sample["mask"].numpy(), nr, nc, size, step) != 0
-                keep = bad.mean(axis=(1, 2)) <= max_nodata
-                report.skipped_nodata += int(np.sum(~keep & (nodata_share > max_nodata)))
-                report.skipped_cloud += int(np.sum(~keep & (nodata_share <= max_nodata)))
-                rr, cc = np.divmod(np.arange(nr * nc), nc)
-                slots = offset + (r0 + rr) * plan.cols + (c0 + cc)
-                out[slots] = patches
-                keep_all[slots] = keep
-                for slot, r, c in zip(slots.tolist(), (r0 + rr).tolist(), (c0 + cc).tolist(),
-                                      strict=True):  # fmt: skip
-                    x, y = grid[r][c]
-                    origins[slot] = (x.start, y.stop)
-                    windows[slot] = (
-                        round((y_origin - y.stop) / ry),
-                        round((x.start - x_origin) / rx),
-                    )
-                bar.update(1)
-            offset += plan.rows * plan.cols
-    kept = np.flatnonzero(keep_all)
+        for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
+            part = slice(int(bounds[k]), int(bounds[k + 1]))
+            _read_scene(plan, dataset, grid, out[part], keep[part], report, options, bar)
+    kept = np.flatnonzero(keep)
     if kept.size == 0:
         raise DataError(
             f"all {total} patches of {root} were skipped: more than {max_nodata:.0%} of each is "
             "nodata or cloud; raise --max-nodata or pass --cloud-mask none"
         )
-    scene_of = np.repeat(np.arange(len(plans)), [p.rows * p.cols for p in plans])[kept]
-    sources = [str(plans[i].source) for i in scene_of.tolist()]
-    crs = [plans[i].probe.crs for i in scene_of.tolist()]
-    checksums = [plans[i].checksum for i in scene_of.tolist()]
-    res_xy = [datasets[i].res for i in scene_of.tolist()]
+    scene_of = np.repeat(np.arange(len(plans)), counts)[kept].tolist()
+    origins = np.concatenate([_origins(g) for g in grids])[kept]
+    # Windows in each scene's grid, from the exact corners (integers by construction).
+    tops = np.array([d.bounds[1].stop for d in datasets])[scene_of]
+    lefts = np.array([d.bounds[0].start for d in datasets])[scene_of]
+    res_xy = np.array([d.res for d in datasets], dtype=np.float64)[scene_of]
+    windows = np.rint(
+        np.stack([(tops - origins[:, 1]) / res_xy[:, 1], (origins[:, 0] - lefts) / res_xy[:, 0]], 1)
+    ).astype(np.int64)
+    crs = [plans[i].probe.crs for i in scene_of]
     georefs = [
-        GeoRef(code, (rx, 0.0, float(x0), 0.0, -ry, float(y1)), size, size)
-        for code, (rx, ry), (x0, y1) in zip(crs, res_xy, origins[kept].tolist(), strict=True)
+        GeoRef(code, (float(rx), 0.0, float(x0), 0.0, -float(ry), float(y1)), size, size)
+        for code, (rx, ry), (x0, y1) in zip(crs, res_xy.tolist(), origins.tolist(), strict=True)
     ]
     report.kept = int(kept.size)
     report.crs_patches = dict(Counter(crs))
@@ -903,11 +918,11 @@ def read_tiles(
     return TileRead(
         patches=out if kept.size == total else out[kept],
         bands=list(names),
-        sources=sources,
+        sources=[str(plans[i].source) for i in scene_of],
         crs=crs,
-        checksums=checksums,
+        checksums=[plans[i].checksum for i in scene_of],
         georefs=georefs,
-        windows=windows[kept],
+        windows=windows,
         resolution=grid_res,
         report=report,
     )

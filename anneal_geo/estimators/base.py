@@ -27,9 +27,13 @@ class Estimator(ABC):
     Capabilities (class attributes, read by the engine instead of type checks):
         needs_labels: ``fit`` must see at least one similar and one dissimilar pair.
         symmetric: ``score`` gives the same value for (i, j) and (j, i).
+        uses_embeddings: the scores depend on the embedding. When False (the random
+            baseline), ``auto`` candidates are a uniform sample of all pairs, so the
+            baseline draws truly random pairs on any pool size, not random neighbours.
     """
 
     needs_labels: ClassVar[bool] = False
+    uses_embeddings: ClassVar[bool] = True
     symmetric: ClassVar[bool] = True
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""

@@ -24,6 +24,8 @@ class RandomEstimator(Estimator):
         **options: passed on to :class:`~anneal_geo.estimators.base.Estimator`.
     """
 
+    uses_embeddings = False
+
     def __init__(self, seed: int = 0, **options: Any) -> None:
         super().__init__(seed, **options)
         self.calls = 0

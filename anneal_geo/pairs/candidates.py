@@ -33,10 +33,14 @@ __all__ = [
     "pair_keys",
     "sorted_keys",
     "triu_pairs",
+    "uniform_candidates",
 ]
 
 #: Candidate modes; ``auto`` picks :func:`default_mode` from the number of ids.
-MODES: Final = ("auto", "exhaustive", "knn")
+MODES: Final = ("auto", "exhaustive", "knn", "uniform")
+
+#: Pairs drawn by ``uniform`` candidates (a uniform sample of all pairs among the ids).
+UNIFORM_SAMPLE: Final = 200_000
 
 #: Pairs per block handed to the estimator.
 DEFAULT_BLOCK_SIZE: Final = 1_000_000
@@ -375,7 +379,9 @@ def candidate_blocks(
     """Candidate pairs of one round, in blocks of at most ``block_size``.
 
     Args:
-        mode: ``"exhaustive"``, ``"knn"``, or ``"auto"`` (:func:`default_mode` of len(ids)).
+        mode: ``"exhaustive"``, ``"knn"``, ``"uniform"`` (a uniform random sample of all
+            pairs, for estimators whose scores ignore the embedding, so that random pairs
+            are truly random on any pool size) or ``"auto"`` (:func:`default_mode`).
         embeddings: (N, D) embeddings of the pool (unused by ``exhaustive``).
         ids: patch ids allowed in pairs.
         exclude: (E, 2) pairs already labelled (queried and implied), or None.
@@ -397,5 +403,47 @@ def candidate_blocks(
         mode = default_mode(int(np.unique(np.asarray(ids)).size))
     if mode == "exhaustive":
         return exhaustive_blocks(ids, exclude, size)
+    if mode == "uniform":
+        pairs = uniform_candidates(ids, UNIFORM_SAMPLE, exclude, rng)
+        return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
     pairs = knn_candidates(embeddings, ids, k, far_fraction, exclude, rng)
     return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
+
+
+def uniform_candidates(
+    ids: np.ndarray,
+    count: int,
+    exclude: np.ndarray | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> np.ndarray:
+    """A uniform random sample of up to ``count`` distinct pairs among ``ids``.
+
+    Draws pairs directly (never enumerates all of them), so it costs O(count) on any pool;
+    excluded pairs are removed. Small pools fall back to the exhaustive list.
+
+    Returns:
+        (M, 2) int64 pairs with ``i < j``, in random order.
+    """
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng or 0)
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    m = ids.size
+    total = m * (m - 1) // 2
+    if total <= count:
+        pairs = np.concatenate(list(exhaustive_blocks(ids, exclude))) if total else np.zeros(
+            (0, 2), dtype=np.int64
+        )
+        return pairs[gen.permutation(pairs.shape[0])]
+    n = int(ids.max()) + 1
+    draw = gen.integers(0, m, size=(int(count * 1.2) + 16, 2))
+    draw = draw[draw[:, 0] != draw[:, 1]]
+    pairs = np.sort(ids[draw], axis=1)
+    keys = pair_keys(pairs, n)
+    _, first = np.unique(keys, return_index=True)
+    first.sort()
+    pairs, keys = pairs[first], keys[first]
+    if exclude is not None and len(exclude):
+        excluded = np.asarray(exclude, dtype=np.int64).reshape(-1, 2)
+        excluded = excluded[excluded.max(axis=1) < n] if excluded.size else excluded
+        keep = ~in_sorted(keys, sorted_keys(excluded, n))
+        pairs = pairs[keep]
+    return pairs[:count]
