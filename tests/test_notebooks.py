@@ -101,7 +101,6 @@ def test_notebook_runs_top_to_bottom(name, kernel_specs, tmp_path, monkeypatch):
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert images, "the notebook drew no figure"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     if name == "1_quickstart":
         assert len(images) >= 3  # classes, learning curves, retrieval
@@ -109,6 +108,7 @@ def test_notebook_runs_top_to_bottom(name, kernel_specs, tmp_path, monkeypatch):
         view = "application/vnd.jupyter.widget-view+json"
         assert any(view in o.get("data", {}) for o in outputs), "the widget was not displayed"
     if name == "2_your_own_tiles":
+        assert len(images) >= 2  # grid over the scene; query map with result composites
         assert (tmp_path / "out" / "query_results.gpkg").is_file()
         assert "rounds trained" in text
     if name == "3_write_a_plugin":

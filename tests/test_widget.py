@@ -150,6 +150,15 @@ def test_undo_asks_the_pair_again_and_only_within_the_round(tmp_path, pool_dir, 
         widget.keys.value = "u"
         assert widget.current == a[:2] and len(engine.store) == 0
 
+        # A second widget on the same session answers first: the first one does not answer
+        # the same pair again but moves on.
+        other = LabellingWidget(engine)
+        other.dissimilar_button.click()
+        count = len(rows(session))
+        widget.similar_button.click()
+        assert len(rows(session)) == count and "answered elsewhere" in widget.message.value
+        assert widget.current == other.current != a[:2]
+
 
 def test_round_trains_then_moves_on_and_the_session_completes(tmp_path, pool_dir, pool):
     session = new_session(tmp_path / "s", pool_dir)

@@ -304,6 +304,11 @@ class LabellingWidget:
         if self.current is None:
             return
         i, j = self.current
+        if self.cursor.next_pair() != self.current:
+            # Another widget or `anneal-geo label` on the same session got there first.
+            self._say(f"patches {i} and {j} were answered elsewhere; showing the next pair")
+            self.refresh()
+            return
         start = time.perf_counter()
         seq = self.cursor.answer(i, j, value)  # committed to SQLite when it returns
         self.commit_ms.append((time.perf_counter() - start) * 1000.0)

@@ -151,9 +151,20 @@ def _from_patch_array(data: Any) -> dict[str, Any]:
     }
     if "source" in coords:
         kwargs["sources"] = [str(s) for s in coords["source"].values]
-    if "labels" in coords:
-        kwargs["labels"] = np.asarray(coords["labels"].values, dtype=bool)
-        kwargs["class_names"] = [str(c) for c in coords["class"].values]
+    if "label" in coords and "class_names" in data.attrs:
+        names = [str(c) for c in data.attrs["class_names"]]
+        column = {name: j for j, name in enumerate(names)}
+        labels = np.zeros((n, len(names)), dtype=bool)
+        for i, text in enumerate(coords["label"].values.tolist()):
+            for name in str(text or "").split("; ") if text else []:
+                if name not in column:
+                    raise DataError(
+                        f"patch {i} has label {name!r}, which is not in the class_names "
+                        "attribute; fix the label coordinate"
+                    )
+                labels[i, column[name]] = True
+        kwargs["labels"] = labels
+        kwargs["class_names"] = names
     if "resolution" in data.attrs:
         kwargs["resolution"] = float(data.attrs["resolution"])
     for key in ("band_mean", "band_std"):
@@ -170,23 +181,30 @@ def _from_patch_array(data: Any) -> dict[str, Any]:
                 GeoRef(
                     crs[i],
                     (
-                        float(dx[i]), 0.0, float(xs[i, 0] - dx[i] / 2),
-                        0.0, float(dy[i]), float(ys[i, 0] - dy[i] / 2),
+                        float(dx[i]),
+                        0.0,
+                        float(xs[i, 0] - dx[i] / 2),
+                        0.0,
+                        float(dy[i]),
+                        float(ys[i, 0] - dy[i] / 2),
                     ),
                     height,
                     width,
                 )
                 for i in range(n)
-            ]  # fmt: skip
+            ]
             windows = np.stack(
                 [np.asarray(coords[k].values, dtype=np.int64) for k in ("row_off", "col_off")],
                 axis=1,
             )
             kwargs["source_crs"] = crs
             kwargs["footprints"] = _footprint_builder(
-                georefs, kwargs.get("sources", [f"array:{i}" for i in range(n)]), windows,
-                kwargs.get("labels"), kwargs.get("class_names"),
-            )  # fmt: skip
+                georefs,
+                kwargs.get("sources", [f"array:{i}" for i in range(n)]),
+                windows,
+                kwargs.get("labels"),
+                kwargs.get("class_names"),
+            )
     return kwargs
 
 
@@ -351,8 +369,9 @@ def pool_to_xarray(pool: PatchPool) -> Any:
     the patch); per patch ``source``, and, when georeferenced, ``crs``, ``row_off``,
     ``col_off``, ``lon``/``lat`` (footprint centroid, EPSG:4326) and ``x_native``
     (patch, x) / ``y_native`` (patch, y), the pixel-centre coordinates in the patch's own
-    CRS; ``labels`` (patch, class) and ``label`` (patch) text when labelled. Attributes:
-    ``resolution``, ``band_mean``, ``band_std``, ``multilabel``, ``fingerprint``. The
+    CRS; ``label`` (patch) text when labelled (``"; "``-joined when multi-label). Attributes:
+    ``resolution``, ``band_mean``, ``band_std``, ``multilabel``, ``fingerprint``, and
+    ``class_names`` when labelled. The
     patches are not copied (a memory-mapped pool stays on disk).
     """
     import xarray as xr
@@ -393,8 +412,6 @@ def pool_to_xarray(pool: PatchPool) -> Any:
             }
         )
     if pool.labels is not None and pool.class_names is not None:
-        coords["class"] = list(pool.class_names)
-        coords["labels"] = (("patch", "class"), pool.labels)
         coords["label"] = ("patch", np.asarray([pool.label_text(i) for i in range(n)], object))
     attrs: dict[str, Any] = {
         "band_mean": pool.band_mean.tolist(),
@@ -404,7 +421,12 @@ def pool_to_xarray(pool: PatchPool) -> Any:
     }
     if pool.resolution is not None:
         attrs["resolution"] = pool.resolution
+    if pool.class_names is not None:
+        attrs["class_names"] = list(pool.class_names)
     return xr.DataArray(
-        pool.patches, dims=("patch", "band", "y", "x"), coords=coords, name="patches",
+        pool.patches,
+        dims=("patch", "band", "y", "x"),
+        coords=coords,
+        name="patches",
         attrs=attrs,
-    )  # fmt: skip
+    )

@@ -314,7 +314,7 @@ class _Probe:
     bands: list[str]  # the bands this scene provides, in file (or ESA) order
     crs: str
     rio_crs: Any
-    native_res: dict[str, float]  # band -> pixel size (x)
+    native_res: dict[str, tuple[float, float]]  # band -> pixel size (x, y)
     dtypes: dict[str, str]
     nodata: float | None
 
@@ -342,7 +342,7 @@ def _open_header(path: Path, scene: str) -> dict[str, Any]:
             return {
                 "crs": crs_text(src.crs),
                 "rio_crs": src.crs,
-                "res": float(a),
+                "res": (float(a), float(-e)),
                 "count": src.count,
                 "dtype": src.dtypes[0],
                 "nodata": src.nodata,
@@ -470,9 +470,12 @@ def dataset_classes() -> tuple[type[Any], type[Any], type[Any]]:
         filename_regex = r".*"
 
         def __init__(
-            self, band_files: dict[str, Path], bands: Sequence[str], reference: str,
+            self,
+            band_files: dict[str, Path],
+            bands: Sequence[str],
+            reference: str,
             res: tuple[float, float],
-        ) -> None:  # fmt: skip
+        ) -> None:
             self.band_files = {b: str(p) for b, p in band_files.items()}
             path = self.band_files[reference]
             self.filename_glob = glob.escape(os.path.basename(path))
@@ -489,9 +492,12 @@ def dataset_classes() -> tuple[type[Any], type[Any], type[Any]]:
         filename_regex = r".*"
 
         def __init__(
-            self, path: Path, file_bands: Sequence[str], bands: Sequence[str],
+            self,
+            path: Path,
+            file_bands: Sequence[str],
+            bands: Sequence[str],
             res: tuple[float, float],
-        ) -> None:  # fmt: skip
+        ) -> None:
             self.all_bands = tuple(file_bands)
             self.filename_glob = glob.escape(path.name)
             super().__init__(paths=[str(path)], res=res, bands=list(bands))
@@ -613,8 +619,11 @@ class _Plan:
     probe: _Probe
     bands: list[str]
     reference_band: str
+    grid: tuple[float, float]  # pixel size (x, y) the scene is read at
     rows: int = 0
     cols: int = 0
+    left: float = 0.0  # top-left corner of the scene's pixel grid at ``grid``
+    top: float = 0.0
     checksum: str = ""
 
     @property
@@ -624,12 +633,15 @@ class _Plan:
         return scene.file if scene.file is not None else scene.band_files[self.reference_band]
 
 
-def _output_dtype(plans: Sequence[_Plan], res: float) -> np.dtype[Any]:
+def _output_dtype(plans: Sequence[_Plan]) -> np.dtype[Any]:
     """The source dtype when no band of any scene is resampled and all share it (so the
     values are exact), else float32 (what TorchGeo returns)."""
     dtypes = {p.probe.dtypes[b] for p in plans for b in p.bands}
     native = all(
-        math.isclose(p.probe.native_res[b], res, rel_tol=1e-9) for p in plans for b in p.bands
+        math.isclose(p.probe.native_res[b][k], p.grid[k], rel_tol=1e-9)
+        for p in plans
+        for b in p.bands
+        for k in (0, 1)
     )
     if native and len(dtypes) == 1:
         dtype = np.dtype(dtypes.pop())
@@ -638,10 +650,9 @@ def _output_dtype(plans: Sequence[_Plan], res: float) -> np.dtype[Any]:
     return np.dtype(np.float32)
 
 
-def _scene_dataset(plan: _Plan, res: float) -> Any:
+def _scene_dataset(plan: _Plan, grid: tuple[float, float]) -> Any:
     band_cls, multi_cls, mask_cls = dataset_classes()
     scene = plan.probe.scene
-    grid = (res, res)
     try:
         if scene.file is not None:
             dataset = multi_cls(scene.file, plan.probe.bands, plan.bands, grid)
@@ -666,8 +677,11 @@ def _scene_slices(dataset: Any, plan: _Plan, size: int, stride: int) -> list[lis
 
     xs, ys, _ = dataset.bounds
     rx, ry = dataset.res
-    width = round((xs.stop - xs.start) / rx)
-    height = round((ys.stop - ys.start) / ry)
+    # Whole pixels at (rx, ry), counted from the bottom-left corner, where the sampler
+    # anchors its grid (the same as the file's grid when read at its own resolution).
+    width = math.floor((xs.stop - xs.start) / rx + 1e-6)
+    height = math.floor((ys.stop - ys.start) / ry + 1e-6)
+    plan.left, plan.top = float(xs.start), float(ys.start + height * ry)
     try:
         rows, cols, row0, col0 = patch_grid(height, width, size, stride)
     except DataError:
@@ -678,8 +692,8 @@ def _scene_slices(dataset: Any, plan: _Plan, size: int, stride: int) -> list[lis
     # A region of interest exactly over the whole-patch grid, shrunk by a hair so the
     # sampler's ceil() cannot add a row: the sampler then yields exactly this grid.
     eps = 1e-3 * min(rx, ry)
-    x0 = xs.start + col0 * rx
-    y1 = ys.stop - row0 * ry
+    x0 = plan.left + col0 * rx
+    y1 = plan.top - row0 * ry
     roi = shapely.box(
         x0 + eps,
         y1 - ((rows - 1) * stride + size) * ry + eps,
@@ -857,16 +871,24 @@ def read_tiles(
     plans = []
     for probe in probes:
         chosen = _select_bands(probe, wanted)
+        # The reference band (its file is each patch's source and fixes the grid): one
+        # already at ``res`` when there is one, so the pixel windows are that file's own;
+        # else the finest band.
+        at_res = [b for b in chosen if res is not None and probe.native_res[b][0] == res]
         finest = min(probe.native_res[b] for b in chosen)
-        reference = next(b for b in chosen if probe.native_res[b] == finest)
-        plans.append(_Plan(probe, chosen, reference))
+        reference = (
+            at_res[0] if at_res else next(b for b in chosen if probe.native_res[b] == finest)
+        )
+        # Each scene on ``res``, or on its own finest requested band (x and y sizes apart:
+        # EuroSAT's pixels are 10.006 x 9.994 m), so no scene is resampled needlessly.
+        spacing = (float(res), float(res)) if res is not None else probe.native_res[reference]
+        plans.append(_Plan(probe, chosen, reference, spacing))
     names = plans[0].bands
-    grid_res = float(res) if res is not None else min(plans[0].probe.native_res[b] for b in names)
-    dtype = _output_dtype(plans, grid_res)
+    dtype = _output_dtype(plans)
 
     datasets, grids = [], []
     for plan in plans:
-        dataset = _scene_dataset(plan, grid_res)
+        dataset = _scene_dataset(plan, plan.grid)
         grids.append(_scene_slices(dataset, plan, size, step))
         datasets.append(dataset)
         plan.checksum = sha256_file(plan.source)
@@ -878,9 +900,12 @@ def read_tiles(
     keep = np.zeros(total, dtype=bool)
     report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
     options = {
-        "size": size, "stride": step, "block": block, "max_nodata": float(max_nodata),
+        "size": size,
+        "stride": step,
+        "block": block,
+        "max_nodata": float(max_nodata),
         "num_workers": num_workers,
-    }  # fmt: skip
+    }
     bar = tqdm(
         total=sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans),
         desc=f"reading {Path(root).name}",
@@ -901,9 +926,9 @@ def read_tiles(
     scene_of = np.repeat(np.arange(len(plans)), counts)[kept].tolist()
     origins = np.concatenate([_origins(g) for g in grids])[kept]
     # Windows in each scene's grid, from the exact corners (integers by construction).
-    tops = np.array([d.bounds[1].stop for d in datasets])[scene_of]
-    lefts = np.array([d.bounds[0].start for d in datasets])[scene_of]
-    res_xy = np.array([d.res for d in datasets], dtype=np.float64)[scene_of]
+    tops = np.array([p.top for p in plans])[scene_of]
+    lefts = np.array([p.left for p in plans])[scene_of]
+    res_xy = np.array([p.grid for p in plans], dtype=np.float64)[scene_of]
     windows = np.rint(
         np.stack([(tops - origins[:, 1]) / res_xy[:, 1], (origins[:, 0] - lefts) / res_xy[:, 0]], 1)
     ).astype(np.int64)
@@ -923,7 +948,7 @@ def read_tiles(
         checksums=[plans[i].checksum for i in scene_of],
         georefs=georefs,
         windows=windows,
-        resolution=grid_res,
+        resolution=float(np.median([p.grid[0] for p in plans])),
         report=report,
     )
 

@@ -1,0 +1,771 @@
+"""A retrieval index over a pool's embeddings, queried by patch, place, box or image.
+
+:func:`build_index` embeds a pool and stores a faiss index beside it:
+
+- for a **session**, the session's current embeddings (the engine's model at its latest
+  checkpoint);
+- for a **bare pool**, training-free spectral features (the ``spectral`` backbone's per-band
+  statistics, texture and spectral indices), each standardised to zero mean and unit
+  variance over the pool, so no feature dominates the Euclidean distance by its units.
+
+Small pools get an exact ``IndexFlatL2``; from :data:`HNSW_THRESHOLD` patches an
+``IndexHNSWFlat`` (see ``benchmarks/index_recall.py`` for recall and latency). The faiss row
+of a patch is its pool patch id, so ids are the same from the pool to the index to the
+exported GeoPackage.
+
+On disk, beside the session or pool (format ``anneal-geo-index``, version 1):
+
+- ``index.faiss``: the faiss index;
+- ``index.json``: kind, dimension, patch ids, the pool's directory and fingerprint, how
+  queries are embedded, and the SHA-256 of ``index.faiss``.
+
+Queries return a GeoDataFrame (EPSG:4326) with ``rank``, ``distance``, ``patch_id``,
+``source``, the pixel window (``row_off``, ``col_off``, ``height``, ``width``), ``label``,
+``crs`` and ``geometry``; :func:`export_results` writes it as GeoPackage or GeoJSON and
+:func:`plot_results` draws the query, its best matches and a map of where they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from anneal_geo.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from anneal_geo.data.pool import PatchPool
+
+__all__ = [
+    "FORMAT",
+    "HNSW_THRESHOLD",
+    "INDEX_FILE",
+    "META_FILE",
+    "RESULT_COLUMNS",
+    "VERSION",
+    "GeoIndex",
+    "build_index",
+    "export_results",
+    "plot_results",
+    "spectral_embeddings",
+]
+
+FORMAT = "anneal-geo-index"
+VERSION = 1
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+#: Pools of at least this many patches get an HNSW index instead of exact search. Below it,
+#: exact search answers one query in a few milliseconds on two cores and is built at once;
+#: see benchmarks/index_recall.py and docs/own_tiles.md for the measurements.
+HNSW_THRESHOLD = 200_000
+#: HNSW graph degree, build and search breadth (recall@20 above 0.99 on the benchmark).
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+RESULT_COLUMNS = (
+    "rank", "distance", "patch_id", "source", "row_off", "col_off", "height", "width",
+    "label", "crs", "geometry",
+)  # fmt: skip
+_BATCH = 256
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} is not a positive whole number of results")
+    return int(k)
+
+
+# ---------------------------------------------------------------------------- embedders
+
+
+def _spectral_trunk(pool: PatchPool) -> Any:
+    from anneal_geo import plugins
+
+    backbone = plugins.create("backbones", "spectral")
+    return backbone.checked_build(pool.bands, pool.band_mean.tolist(), pool.band_std.tolist())
+
+
+def _trunk_features(trunk: Any, patches: np.ndarray) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(patches), _BATCH):
+            chunk = np.asarray(patches[start : start + _BATCH], dtype=np.float32)
+            out.append(trunk(torch.from_numpy(chunk)).float().numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def spectral_embeddings(pool: PatchPool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Training-free embeddings of a bare pool: standardised spectral features.
+
+    Returns:
+        ``((N, F) float32 embeddings, embedder)``, where ``embedder`` holds the band names
+        and the per-feature mean and standard deviation used, so a query image is embedded
+        the same way.
+    """
+    trunk = _spectral_trunk(pool)
+    features = np.concatenate(
+        [
+            _trunk_features(trunk, pool.float_patches(np.arange(s, min(s + 4096, len(pool)))))
+            for s in range(0, len(pool), 4096)
+        ]
+    )
+    mean = features.mean(axis=0, dtype=np.float64)
+    std = features.std(axis=0, dtype=np.float64)
+    std[std < 1e-12] = 1.0  # a constant feature stays 0 rather than dividing by zero
+    embedder = {
+        "kind": "spectral",
+        "bands": list(pool.bands),
+        "feature_mean": mean.tolist(),
+        "feature_std": std.tolist(),
+    }
+    return ((features - mean) / std).astype(np.float32), embedder
+
+
+def _session_engine(session_dir: Path, pool: PatchPool) -> Any:
+    from anneal_geo.engine import Engine
+    from anneal_geo.session import Session
+
+    return Engine(Session.open(session_dir), pool, progress=False)
+
+
+def _session_embeddings(session_dir: Path) -> tuple[np.ndarray, dict[str, Any], PatchPool]:
+    from anneal_geo.data.pool import PatchPool
+    from anneal_geo.session import Session
+
+    session = Session.open(session_dir)
+    pool = PatchPool.open(session.pool_dir)
+    with _session_engine(session_dir, pool) as engine:
+        embeddings = np.asarray(engine.embeddings, dtype=np.float32)
+        bands = list(engine.pool.bands)
+    latest = session.latest_checkpoint()
+    embedder = {
+        "kind": "session",
+        "session": str(session_dir.resolve()),
+        "round": None if latest is None else latest[0],
+        "bands": bands,
+    }
+    return embeddings, embedder, pool
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+class GeoIndex:
+    """A faiss index whose row ``i`` is pool patch ``i``, with geo-aware queries.
+
+    Build with :meth:`build` or :func:`build_index`, reopen with :meth:`load`.
+
+    Attributes:
+        index: the faiss index.
+        meta: the ``index.json`` content.
+        pool: the pool the ids refer to.
+        path: the folder holding the index files, once saved or loaded.
+    """
+
+    def __init__(
+        self, index: Any, meta: dict[str, Any], pool: PatchPool, path: Path | None = None
+    ) -> None:
+        self.index = index
+        self.meta = meta
+        self.pool = pool
+        self.path = path
+        self._engine: Any = None
+        self._trunk: Any = None
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        pool: PatchPool,
+        *,
+        embedder: dict[str, Any],
+        kind: str = "auto",
+        hnsw_threshold: int = HNSW_THRESHOLD,
+    ) -> GeoIndex:
+        """Index ``embeddings`` (row i = pool patch i).
+
+        Args:
+            embeddings: (N, D) float embeddings, N = ``len(pool)``.
+            pool: the pool they embed.
+            embedder: how a query image is embedded (``{"kind": "spectral", ...}`` from
+                :func:`spectral_embeddings`, or ``{"kind": "session", "session": DIR}``).
+            kind: ``auto`` (flat below ``hnsw_threshold``, else HNSW), ``flat`` or ``hnsw``.
+            hnsw_threshold: the pool size from which ``auto`` picks HNSW.
+        """
+        import faiss
+
+        from anneal_geo.retrieval.index import _as_matrix
+
+        vectors = _as_matrix(embeddings, "embeddings")
+        if vectors.shape[0] != len(pool):
+            raise DataError(
+                f"{vectors.shape[0]} embeddings for a pool of {len(pool)} patches; embed every "
+                "patch of the pool"
+            )
+        if kind not in ("auto", "flat", "hnsw"):
+            raise ConfigError(f"index kind {kind!r} is unknown; use auto, flat or hnsw")
+        if kind == "auto":
+            kind = "hnsw" if len(pool) >= hnsw_threshold else "flat"
+        n, dim = vectors.shape
+        hnsw: dict[str, int] | None = None
+        index: Any
+        if kind == "flat":
+            index = faiss.IndexFlatL2(dim)
+        else:
+            hnsw = {
+                "M": HNSW_M,
+                "ef_construction": HNSW_EF_CONSTRUCTION,
+                "ef_search": HNSW_EF_SEARCH,
+            }
+            index = faiss.IndexHNSWFlat(dim, HNSW_M)
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+        index.add(vectors)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "kind": kind,
+            "metric": "l2",
+            "dim": int(dim),
+            "n": int(n),
+            "ids": {"start": 0, "stop": int(n)},
+            "hnsw": hnsw,
+            "pool_dir": None if pool.path is None else str(Path(pool.path).resolve()),
+            "pool_fingerprint": pool.fingerprint,
+            "patch_size": list(pool.patch_size),
+            "resolution": pool.resolution,
+            "embedder": embedder,
+        }
+        return cls(index, meta, pool)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``index.faiss`` and ``index.json`` (last, atomically) into ``directory``."""
+        import faiss
+
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / (INDEX_FILE + ".partial")
+            faiss.write_index(self.index, str(tmp))
+            self.meta["faiss_sha256"] = _sha256(tmp)
+            os.replace(tmp, directory / INDEX_FILE)
+            tmp = directory / (META_FILE + ".partial")
+            tmp.write_text(json.dumps(self.meta, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, directory / META_FILE)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(
+                f"cannot write the index to {directory} ({exc}); choose a writable folder"
+            ) from exc
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path, pool: PatchPool | None = None) -> GeoIndex:
+        """Open a saved index and its pool, checking that they belong together.
+
+        Args:
+            path: the folder holding ``index.json`` (a session or pool folder), or the
+                ``index.json`` / ``index.faiss`` file itself.
+            pool: the pool to use (default: the pool directory recorded in ``index.json``).
+
+        Raises:
+            DataError: missing, corrupt or foreign files, or an index built from another
+                pool (fingerprint or size differ).
+        """
+        import faiss
+
+        from anneal_geo.data.pool import PatchPool
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        meta_path, faiss_path = directory / META_FILE, directory / INDEX_FILE
+        if not meta_path.is_file():
+            raise DataError(
+                f"{meta_path} not found: {directory} holds no index; build one with "
+                "`anneal-geo index SESSION_OR_POOL`"
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DataError(
+                f"{meta_path} is corrupt ({str(exc).splitlines()[0]}); rebuild the index with "
+                "`anneal-geo index`"
+            ) from exc
+        if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (
+            FORMAT,
+            VERSION,
+        ):
+            raise DataError(
+                f"{meta_path} is not an anneal-geo index (format {FORMAT!r} version {VERSION}); "
+                "rebuild it with `anneal-geo index`"
+            )
+        if not faiss_path.is_file():
+            raise DataError(f"{faiss_path} is missing; rebuild the index with `anneal-geo index`")
+        if meta.get("faiss_sha256") and _sha256(faiss_path) != meta["faiss_sha256"]:
+            raise DataError(
+                f"{faiss_path} is corrupt or was replaced (its SHA-256 differs from "
+                f"{META_FILE}); rebuild the index with `anneal-geo index`"
+            )
+        index: Any
+        try:
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as exc:
+            raise DataError(
+                f"{faiss_path} is corrupt (faiss cannot read it); rebuild the index with "
+                "`anneal-geo index`"
+            ) from exc
+        if index.ntotal != meta.get("n") or index.d != meta.get("dim"):
+            raise DataError(
+                f"{faiss_path} holds {index.ntotal} vectors of {index.d} dimensions but "
+                f"{META_FILE} says {meta.get('n')} of {meta.get('dim')}; rebuild the index"
+            )
+        if pool is None:
+            if not meta.get("pool_dir"):
+                raise DataError(
+                    f"{meta_path} records no pool directory; pass the pool to GeoIndex.load"
+                )
+            pool = PatchPool.open(meta["pool_dir"])
+        if pool.fingerprint != meta.get("pool_fingerprint") or len(pool) != index.ntotal:
+            raise DataError(
+                f"the index in {directory} was built from another pool (fingerprint "
+                f"{meta.get('pool_fingerprint')}, {index.ntotal} patches) than "
+                f"{pool.path or 'the given pool'} (fingerprint {pool.fingerprint}, "
+                f"{len(pool)} patches); rebuild it with `anneal-geo index`"
+            )
+        if meta.get("hnsw"):
+            index.hnsw.efSearch = int(meta["hnsw"]["ef_search"])
+        return cls(index, meta, pool, directory)
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``flat`` (exact) or ``hnsw``."""
+        return str(self.meta["kind"])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def __repr__(self) -> str:
+        return f"GeoIndex({len(self)} patches, {self.meta['dim']}-d, {self.kind})"
+
+    # -- search --------------------------------------------------------------------------
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """The indexed embeddings of patches ``ids`` (read back from the index)."""
+        arr = self.pool._check_ids(ids).reshape(-1)
+        return np.stack([self.index.reconstruct(int(i)) for i in arr]).astype(np.float32)
+
+    def search(
+        self, vectors: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest patches of one query vector, leaving out ``exclude``.
+
+        Returns:
+            ``(distances, patch_ids)``, each (k',) with k' = min(k, patches left), by
+            ascending Euclidean distance.
+        """
+        import faiss
+
+        k = _check_k(k)
+        query = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(1, -1))
+        if query.shape[1] != self.index.d:
+            raise DataError(
+                f"the query has {query.shape[1]} dimensions but the index {self.index.d}; "
+                "embed it with the index's embedder"
+            )
+        skip = np.zeros(0, dtype=np.int64) if exclude is None else np.asarray(exclude).ravel()
+        want = min(k + skip.size, len(self))
+        # One query is too little work to share: on a busy machine faiss's OpenMP threads
+        # made a single exact search over 10k vectors 600x slower (47 ms instead of 0.08).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            squared, ids = self.index.search(query, want)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        squared, ids = squared[0], ids[0].astype(np.int64)
+        mask = (ids >= 0) & ~np.isin(ids, skip)
+        distances = np.sqrt(np.maximum(squared[mask], 0.0)).astype(np.float32)
+        return distances[:k], ids[mask][:k]
+
+    def _frame(self, distances: np.ndarray, ids: np.ndarray, query: dict[str, Any]) -> Any:
+        """The results GeoDataFrame (see :data:`RESULT_COLUMNS`)."""
+        import geopandas as gpd
+
+        footprints = self.pool.footprints
+        n = len(ids)
+        frame: dict[str, Any] = {
+            "rank": np.arange(1, n + 1, dtype=np.int64),
+            "distance": distances.astype(np.float64),
+            "patch_id": ids,
+            "source": [self.pool.sources[i] for i in ids.tolist()],
+        }
+        h, w = self.pool.patch_size
+        if footprints is not None:
+            rows = footprints.iloc[ids]
+            for column in ("row_off", "col_off", "height", "width"):
+                frame[column] = rows[column].to_numpy(dtype=np.int64)
+            frame["label"] = [self.pool.label_text(i) for i in ids.tolist()]
+            frame["crs"] = rows["crs"].to_list()
+            geometry = rows.geometry.to_list()
+        else:
+            frame.update(
+                row_off=np.zeros(n, np.int64),
+                col_off=np.zeros(n, np.int64),
+                height=np.full(n, h, np.int64),
+                width=np.full(n, w, np.int64),
+                label=[self.pool.label_text(i) for i in ids.tolist()],
+                crs=[None] * n,
+            )
+            geometry = [None] * n
+        result = gpd.GeoDataFrame(frame, geometry=geometry, crs="EPSG:4326")
+        result.attrs["query"] = query
+        return result[list(RESULT_COLUMNS)]
+
+    def _footprints_or_fail(self, what: str) -> Any:
+        footprints = self.pool.footprints
+        if footprints is None:
+            raise DataError(
+                f"the pool has no georeference (no CRS in its sources), so it cannot be "
+                f"queried by {what}; query by --patch or --image"
+            )
+        return footprints
+
+    def query_patch(self, patch_id: int, k: int = 20, *, include_query: bool = False) -> Any:
+        """The ``k`` patches most similar to pool patch ``patch_id`` (itself left out unless
+        ``include_query``)."""
+        pid = int(self.pool._check_ids(patch_id))
+        distances, ids = self.search(
+            self.vectors([pid])[0], k, None if include_query else np.array([pid])
+        )
+        return self._frame(distances, ids, {"kind": "patch", "patch_ids": [pid]})
+
+    def patch_at(self, lon: float, lat: float) -> int:
+        """The patch whose footprint contains (lon, lat); of several, the one whose centre is
+        nearest.
+
+        Raises:
+            DataError: the point lies outside every footprint.
+        """
+        import shapely
+
+        if not (-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0):
+            raise DataError(
+                f"point ({lon}, {lat}) is not a longitude, latitude in degrees; give LON,LAT"
+            )
+        footprints = self._footprints_or_fail("point")
+        point = shapely.Point(lon, lat)
+        hits = footprints.sindex.query(point, predicate="intersects")
+        if hits.size == 0:
+            w, s, e, n = footprints.total_bounds
+            raise DataError(
+                f"point ({lon}, {lat}) lies outside every patch footprint of the pool (its "
+                f"patches span lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}); pick a point "
+                "inside"
+            )
+        centres = shapely.centroid(footprints.geometry.to_numpy()[hits])
+        nearest = int(np.argmin(shapely.distance(centres, point)))
+        return int(footprints["patch_id"].to_numpy()[hits[nearest]])
+
+    def query_point(
+        self, lon: float, lat: float, k: int = 20, *, include_query: bool = False
+    ) -> Any:
+        """The ``k`` patches most similar to the patch at (lon, lat) (EPSG:4326)."""
+        pid = self.patch_at(lon, lat)
+        frame = self.query_patch(pid, k, include_query=include_query)
+        frame.attrs["query"] = {"kind": "point", "point": [lon, lat], "patch_ids": [pid]}
+        return frame
+
+    def query_bbox(
+        self,
+        west: float,
+        south: float,
+        east: float,
+        north: float,
+        k: int = 20,
+        *,
+        include_query: bool = False,
+    ) -> Any:
+        """The ``k`` patches most similar to the mean embedding of the patches that
+        intersect the box (EPSG:4326); those patches are left out unless ``include_query``.
+        """
+        import shapely
+
+        if not (west < east and south < north):
+            raise DataError(
+                f"box ({west}, {south}, {east}, {north}) is empty; give W,S,E,N with W < E "
+                "and S < N in degrees"
+            )
+        footprints = self._footprints_or_fail("box")
+        hits = footprints.sindex.query(shapely.box(west, south, east, north), "intersects")
+        if hits.size == 0:
+            w, s, e, n = footprints.total_bounds
+            raise DataError(
+                f"box ({west}, {south}, {east}, {north}) overlaps no patch footprint (the "
+                f"patches span lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}); move the box"
+            )
+        ids = np.sort(footprints["patch_id"].to_numpy()[hits].astype(np.int64))
+        centre = self.vectors(ids).mean(axis=0)
+        distances, found = self.search(centre, k, None if include_query else ids)
+        return self._frame(
+            distances,
+            found,
+            {"kind": "bbox", "bbox": [west, south, east, north], "patch_ids": ids.tolist()},
+        )
+
+    def query_image(self, path: str | Path, k: int = 20) -> Any:
+        """The ``k`` patches most similar to an image file (its patches' mean embedding)."""
+        vector = self.embed_patches(self.image_patches(path)).mean(axis=0)
+        distances, ids = self.search(vector, k)
+        return self._frame(distances, ids, {"kind": "image", "image": str(path)})
+
+    # -- embedding new images ---------------------------------------------------------------
+    def embed_patches(self, patches: np.ndarray) -> np.ndarray:
+        """Embeddings (n, D) of raw patches (n, C, H, W) in the index's band order."""
+        embedder = self.meta["embedder"]
+        arr = np.asarray(patches, dtype=np.float32)
+        if embedder["kind"] == "spectral":
+            if self._trunk is None:
+                self._trunk = _spectral_trunk(self.pool)
+            features = _trunk_features(self._trunk, arr)
+            mean = np.asarray(embedder["feature_mean"], dtype=np.float64)
+            std = np.asarray(embedder["feature_std"], dtype=np.float64)
+            return ((features - mean) / std).astype(np.float32)
+        if embedder["kind"] == "session":
+            if self._engine is None:
+                self._engine = _session_engine(Path(embedder["session"]), self.pool)
+            out = self._engine.trainer.embed_patches(arr)
+            return np.asarray(out, dtype=np.float32)
+        raise DataError(f"index embedder {embedder['kind']!r} is unknown; rebuild the index")
+
+    def image_patches(self, path: str | Path) -> np.ndarray:
+        """Read an image file and cut it into whole patches of the pool's size.
+
+        Returns:
+            (n, C, P, P) patches with the index's bands, in its order (``meta["embedder"]
+            ["bands"]``); an image of exactly one patch gives one.
+
+        Raises:
+            DataError: unreadable file, missing bands, smaller than a patch, or at another
+                resolution than the pool.
+        """
+        import warnings
+
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+        from anneal_geo.data.bands import band_indices, infer_band_names
+        from anneal_geo.data.sources import RGB_SUFFIXES
+        from anneal_geo.data.tiles import patch_grid
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"image {path} does not exist; give a GeoTIFF, JPEG or PNG file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    data = src.read()
+                    names = infer_band_names(
+                        src.count,
+                        list(src.descriptions),
+                        rgb_image=src.dtypes[0] == "uint8" and path.suffix.lower() in RGB_SUFFIXES,
+                        where=str(path),
+                    )
+                    res = None if src.crs is None else float(abs(src.transform.a))
+        except RasterioError as exc:
+            raise DataError(
+                f"image {path} could not be read ({str(exc).splitlines()[0]}); give a valid "
+                "GeoTIFF, JPEG or PNG"
+            ) from exc
+        bands = list(self.meta["embedder"]["bands"])
+        try:
+            channels = band_indices(names, bands)
+        except DataError:
+            missing = [b for b in bands if b not in names]
+            raise DataError(
+                f"image {path} lacks band(s) {', '.join(missing)} the index needs (it has "
+                f"{', '.join(names)}); give an image with bands {', '.join(bands)}"
+            ) from None
+        pool_res = self.meta.get("resolution")
+        if res is not None and pool_res and not math.isclose(res, pool_res, rel_tol=0.05):
+            raise DataError(
+                f"image {path} has {res:g} m pixels but the pool {pool_res:g} m; resample it "
+                "to the pool's resolution first"
+            )
+        size = self.pool.patch_size[0]
+        height, width = data.shape[1:]
+        try:
+            rows, cols, row0, col0 = patch_grid(height, width, size, size)
+        except DataError:
+            raise DataError(
+                f"image {path} is {width}x{height} px, smaller than the pool's {size} px "
+                "patches; give a larger image"
+            ) from None
+        selected = data[channels]
+        patches = np.stack(
+            [
+                selected[
+                    :,
+                    row0 + r * size : row0 + (r + 1) * size,
+                    col0 + c * size : col0 + (c + 1) * size,
+                ]
+                for r in range(rows)
+                for c in range(cols)
+            ]
+        )
+        return patches
+
+    def close(self) -> None:
+        """Release the session engine, if a query image needed one."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def build_index(
+    source: str | Path, out: str | Path | None = None, *, kind: str = "auto"
+) -> GeoIndex:
+    """Embed a session's or a bare pool's patches and save the index.
+
+    Args:
+        source: a session directory (``session.toml``: its current embeddings) or a pool
+            directory (``pool.json``: standardised spectral features).
+        out: where to write ``index.faiss``/``index.json`` (default: ``source`` itself).
+        kind: ``auto``, ``flat`` or ``hnsw``.
+
+    Raises:
+        DataError: ``source`` is neither a session nor a pool directory.
+    """
+    from anneal_geo.data.pool import POOL_FILE, PatchPool
+
+    source = Path(source)
+    if (source / "session.toml").is_file():
+        embeddings, embedder, pool = _session_embeddings(source)
+    elif (source / POOL_FILE).is_file():
+        pool = PatchPool.open(source)
+        embeddings, embedder = spectral_embeddings(pool)
+    else:
+        raise DataError(
+            f"{source} is neither a session (session.toml) nor a pool directory ({POOL_FILE}); "
+            "build a pool with `anneal-geo pool build` or run a session first"
+        )
+    index = GeoIndex.build(embeddings, pool, embedder=embedder, kind=kind)
+    index.save(source if out is None else out)
+    return index
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def export_results(results: Any, path: str | Path) -> Path:
+    """Write query results as a GeoPackage (``.gpkg``, layer ``results``) or GeoJSON.
+
+    Raises:
+        ConfigError: another file extension.
+        DataError: the results have no geometry (the pool is not georeferenced).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    drivers = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
+    if suffix not in drivers:
+        raise ConfigError(
+            f"cannot write results as {path.name}: use a .gpkg (GeoPackage) or .geojson file"
+        )
+    if results.geometry.isna().all():
+        raise DataError(
+            "the results have no footprints (the pool is not georeferenced); they cannot be "
+            f"written as {suffix}"
+        )
+    frame = results.copy()
+    frame["label"] = frame["label"].astype(object)  # all-None has no type GDAL can store
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        layer = {"layer": "results"} if suffix == ".gpkg" else {}
+        frame.to_file(path, driver=drivers[suffix], engine="pyogrio", **layer)
+    except OSError as exc:
+        raise DataError(f"cannot write {path} ({exc}); choose a writable file") from exc
+    return path
+
+
+def _rgb(patch: np.ndarray, bands: list[str]) -> np.ndarray:
+    from anneal_geo.data.pool import PatchPool
+
+    return PatchPool(np.asarray(patch)[None], bands).rgb(0)
+
+
+def plot_results(index: GeoIndex, results: Any, path: str | Path, n: int = 8) -> Path:
+    """Save a quick look: the query and its best ``n`` results as RGB composites, and a
+    small map of their footprints (query in red, results in blue, numbered by rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pool = index.pool
+    query = results.attrs.get("query", {})
+    shown = results.head(n)
+    panels = 1 + len(shown)
+    fig = plt.figure(figsize=(1.9 * max(panels, 4), 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, panels, height_ratios=[1, 1.6])
+    ax = fig.add_subplot(grid[0, 0])
+    query_ids = list(query.get("patch_ids", []))
+    if query.get("kind") == "image":
+        bands = list(index.meta["embedder"]["bands"])
+        ax.imshow(_rgb(index.image_patches(query["image"])[0], bands))
+        ax.set_title("query image", fontsize=8)
+    elif query_ids:
+        ax.imshow(pool.rgb(query_ids[0]))
+        extra = f" (+{len(query_ids) - 1})" if len(query_ids) > 1 else ""
+        ax.set_title(f"query #{query_ids[0]}{extra}", fontsize=8, color="tab:red")
+    ax.axis("off")
+    for j, row in enumerate(shown.itertuples(index=False)):
+        ax = fig.add_subplot(grid[0, 1 + j])
+        ax.imshow(pool.rgb(int(row.patch_id)))
+        ax.set_title(f"{row.rank}. #{row.patch_id}\nd={row.distance:.3g}", fontsize=8)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    footprints = pool.footprints
+    if footprints is not None and not results.geometry.isna().all():
+        if len(footprints) <= 20_000:
+            footprints.plot(ax=ax, facecolor="none", edgecolor="0.85", linewidth=0.3)
+        results.plot(ax=ax, facecolor="tab:blue", edgecolor="tab:blue", alpha=0.5)
+        for row in shown.itertuples(index=False):
+            c = row.geometry.centroid
+            ax.annotate(str(row.rank), (c.x, c.y), fontsize=7, ha="center", va="center")
+        if query_ids:
+            footprints.iloc[query_ids].plot(
+                ax=ax, facecolor="tab:red", edgecolor="tab:red", alpha=0.6
+            )
+        if query.get("kind") == "point":
+            ax.plot(*query["point"], marker="x", color="black")
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+        ax.set_aspect("equal")
+        ax.set_title("where: query (red) and results (blue, by rank)", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no footprints (pool not georeferenced)", ha="center")
+        ax.axis("off")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,132 @@
+"""Ingest speed: patches per second from Sentinel-2 tiles to a saved pool, against the floor
+of a plain rasterio windowed read of the same windows.
+
+On the Major TOM cell in sample_tiles/ (12 bands at 10/20/60 m, or the four 10 m bands),
+for several patch sizes:
+
+- ``pool``: ``PatchPool.from_tiles`` (TorchGeo RasterDataset + GriddedPatchSampler through a
+  DataLoader, blocks of 8 x 8 patches per read) then ``pool.save`` (patches.npy,
+  footprints.gpkg, pool.json), the path ``anneal-geo pool build`` takes;
+- ``pool, read_block=1``: the same with one TorchGeo read per patch;
+- ``floor``: rasterio only, the same windows (from the pool's footprints), every band read
+  with ``Window`` + ``out_shape`` and bilinear resampling onto the patch grid, into one
+  array (no saving, no footprints, no statistics).
+
+Each timing is the best of ``--repeat`` runs after a warm-up (TorchGeo's import, about 5 s,
+is paid once per process and not counted). The floor's values are checked equal to the
+pool's. Writes ``benchmarks/results/ingest_speed.json``.
+
+    .venv/bin/python benchmarks/ingest_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from anneal_geo.data.pool import PatchPool
+from anneal_geo.data.tiles import find_scenes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CELL = Path(__file__).resolve().parent.parent / "sample_tiles" / "majortom_s2l2a_tile"
+
+
+def floor_read(pool: PatchPool, band_files: dict[str, Path]) -> tuple[np.ndarray, float]:
+    """Read the pool's windows band by band with plain rasterio; return (patches, seconds)."""
+    fp = pool.footprints
+    size = pool.patch_size[0]
+    rows = fp["row_off"].to_numpy()
+    cols = fp["col_off"].to_numpy()
+    t0 = time.perf_counter()
+    out = np.empty(pool.patches.shape, dtype=pool.patches.dtype)
+    handles = [rasterio.open(band_files[b]) for b in pool.bands]
+    try:
+        reference = handles[0].res[0] if pool.resolution is None else pool.resolution
+        for c, src in enumerate(handles):
+            scale = reference / src.res[0]  # source pixels per pool pixel
+            for i in range(len(rows)):
+                window = Window(cols[i] * scale, rows[i] * scale, size * scale, size * scale)
+                out[i, c] = src.read(
+                    1, window=window, out_shape=(size, size), resampling=Resampling.bilinear
+                )
+    finally:
+        for src in handles:
+            src.close()
+    return out, time.perf_counter() - t0
+
+
+def timed_pool(options: dict[str, Any], repeat: int) -> tuple[PatchPool, float, float]:
+    """Best (read, read + save) seconds of ``from_tiles`` and ``save``."""
+    best_read, best_total = float("inf"), float("inf")
+    pool = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pool = PatchPool.from_tiles(CELL, progress=False, **options)
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            pool.save(tmp)
+        t2 = time.perf_counter()
+        best_read, best_total = min(best_read, t1 - t0), min(best_total, t2 - t0)
+    assert pool is not None
+    return pool, best_read, best_total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="32,64,120")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    band_files = find_scenes(CELL)[0].band_files
+    PatchPool.from_tiles(CELL, 64, bands=["B02"], progress=False)  # warm-up: imports
+    rows = []
+    for bands in (None, ["B02", "B03", "B04", "B08"]):
+        for size in (int(s) for s in args.sizes.split(",")):
+            options: dict[str, Any] = {"patch_size": size, "bands": bands}
+            pool, read_s, total_s = timed_pool(options, args.repeat)
+            _, block1_read, block1_total = timed_pool({**options, "read_block": 1}, 1)
+            floor = min(floor_read(pool, band_files)[1] for _ in range(args.repeat))
+            patches, _ = floor_read(pool, band_files)
+            same = bool(np.array_equal(patches, pool.patches))
+            n = len(pool)
+            row = {
+                "bands": len(pool.bands),
+                "patch_size": size,
+                "patches": n,
+                "dtype": str(pool.patches.dtype),
+                "pool_read_patches_per_s": round(n / read_s, 1),
+                "pool_saved_patches_per_s": round(n / total_s, 1),
+                "pool_read_block1_patches_per_s": round(n / block1_read, 1),
+                "pool_saved_block1_patches_per_s": round(n / block1_total, 1),
+                "floor_patches_per_s": round(n / floor, 1),
+                "ratio_saved_pool_to_floor": round(floor / total_s, 3),
+                "ratio_read_to_floor": round(floor / read_s, 3),
+                "ratio_saved_block1_to_floor": round(floor / block1_total, 3),
+                "values_equal_to_floor": same,
+            }
+            rows.append(row)
+            print(
+                f"{row['bands']:>2} bands {size:>3} px, {n:>4} patches: saved pool "
+                f"{row['pool_saved_patches_per_s']:>7.1f}/s (read only "
+                f"{row['pool_read_patches_per_s']:>7.1f}/s; per-patch reads "
+                f"{row['pool_saved_block1_patches_per_s']:>6.1f}/s), floor "
+                f"{row['floor_patches_per_s']:>7.1f}/s -> ratio "
+                f"{row['ratio_saved_pool_to_floor']:.2f} (equal values: {same})",
+                flush=True,
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"cell": "sample_tiles/majortom_s2l2a_tile", "repeat": args.repeat, "results": rows}
+    (RESULTS / "ingest_speed.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS / 'ingest_speed.json'}")
+
+
+if __name__ == "__main__":
+    main()
