@@ -239,9 +239,11 @@ class GreennessAnnotator(Annotator):
     tiles (the simulated oracle needs labels)."""
 
     def annotate(self, pairs, pool):
-        red = pool.float_patches(np.unique(pairs))[:, pool.bands.index("B04")]
-        nir = pool.float_patches(np.unique(pairs))[:, pool.bands.index("B08")]
-        ndvi = dict(zip(np.unique(pairs).tolist(), ((nir - red) / (nir + red)).mean(axis=(1, 2))))
+        ids = np.unique(pairs)
+        patches = pool.float_patches(ids)
+        red, nir = patches[:, pool.bands.index("B04")], patches[:, pool.bands.index("B08")]
+        ndvi = np.zeros(len(pool))
+        ndvi[ids] = ((nir - red) / (nir + red)).mean(axis=(1, 2))
         for i, j in pairs.tolist():
             yield int(abs(ndvi[i] - ndvi[j]) < 0.05)
 

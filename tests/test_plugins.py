@@ -19,7 +19,7 @@ BUILTINS = {
     "estimators": {"mgue", "bcgue", "random"},
     "selectors": {"kmeans", "topk", "random"},
     "backbones": {"spectral", "resnet18", "smallcnn"},
-    "annotators": {"oracle"},
+    "annotators": {"oracle", "terminal", "widget"},
 }
 
 
