@@ -52,6 +52,10 @@ say "upgrading pip"
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
 say "installing anneal-geo[$EXTRAS] with constraints.txt (torch, torchgeo, faiss, rasterio, ...; the first run downloads a few GB)"
 "$VENV/bin/python" -m pip install --quiet --progress-bar off -c constraints.txt -e ".[$EXTRAS]"
+say "installing the example plugins (plugins/*)"
+for plugin in plugins/*/; do
+  "$VENV/bin/python" -m pip install --quiet --progress-bar off -c constraints.txt -e "$plugin"
+done
 say "checking the install"
 "$VENV/bin/anneal-geo" --version
 say "done. Activate with: source $VENV/bin/activate"

@@ -217,6 +217,13 @@ def _contract_problem(cls: Any, group: str) -> str:
     abstract = sorted(getattr(cls, "__abstractmethods__", ()))
     if abstract:
         return f"{cls.__qualname__} does not implement {', '.join(abstract)}"
+    wanted = getattr(base, "contract_version", 1)
+    declared = getattr(cls, "contract_version", wanted)
+    if declared != wanted:
+        return (
+            f"{cls.__qualname__} was written for {group[:-1]} contract version {declared}, "
+            f"this anneal-geo provides {wanted}; install a matching version of its distribution"
+        )
     return ""
 
 

@@ -855,7 +855,7 @@ def _backbone_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
     position = {b: i for i, b in enumerate(pool.bands)}
     patches = torch.from_numpy(pool.float_patches())
     # Four patches of four classes (the pool holds its crops class by class).
-    rows = [0, _PER_CLASS, 2 * _PER_CLASS, 3 * _PER_CLASS][: len(pool)]
+    rows = [r for r in (0, _PER_CLASS, 2 * _PER_CLASS, 3 * _PER_CLASS) if r < len(pool)]
 
     def inputs(bands: Sequence[str]) -> tuple[list[float], list[float], torch.Tensor]:
         idx = [position[b] for b in bands]
@@ -965,8 +965,9 @@ def _annotator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sa
     other = np.setdiff1d(np.arange(everything.shape[0]), same)
     count = min(_ANNOTATE_PAIRS, everything.shape[0])
     n_same = min(count // 4, same.size)
+    n_other = min(count - n_same, other.size)
     pick = np.concatenate(
-        [rng.choice(same, n_same, replace=False), rng.choice(other, count - n_same, replace=False)]
+        [rng.choice(same, n_same, replace=False), rng.choice(other, n_other, replace=False)]
     )
     pairs = everything[np.sort(pick)]
 

@@ -231,6 +231,9 @@ def test_a_corrupt_index_is_refused(index, tmp_path) -> None:
     assert "is corrupt" in one_line(exc)
     with pytest.raises(DataError) as exc:
         GeoIndex.load(tmp_path / "nowhere")
+    assert "does not exist" in one_line(exc)
+    with pytest.raises(DataError) as exc:
+        GeoIndex.load(ROOT / "sample_tiles")
     assert "holds no index" in one_line(exc)
 
 

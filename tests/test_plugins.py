@@ -250,3 +250,16 @@ def test_cli_plugins_list_and_check(third_party):
     assert ok.exit_code == 0 and ": ok" in ok.output
     bad = runner.invoke(app, ["plugins", "check", "acme-import-error"])
     assert bad.exit_code == 1 and "BROKEN" in bad.output
+
+
+def test_plugin_written_for_another_contract_version_is_refused():
+    class Future(Estimator):
+        """Written for a later contract."""
+
+        contract_version = 2
+
+        def score(self, embeddings, pairs):
+            return np.zeros(len(pairs))
+
+    with pytest.raises(PluginError, match="contract version 2, this anneal-geo provides 1"):
+        plugins.register(Future, name="future")

@@ -14,11 +14,15 @@ from anneal_geo.errors import AnnealError, PluginError
 if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
 
-__all__ = ["DISSIMILAR", "SIMILAR", "SKIP", "Annotator"]
+__all__ = ["CONTRACT_VERSION", "DISSIMILAR", "SIMILAR", "SKIP", "Annotator"]
 
 SIMILAR = 1
 DISSIMILAR = 0
 SKIP = -1
+
+
+#: Version of this contract; a plugin declaring another version is refused at load time.
+CONTRACT_VERSION = 1
 
 
 class Annotator(ABC):
@@ -36,6 +40,7 @@ class Annotator(ABC):
 
     interactive: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
 

@@ -12,7 +12,11 @@ from anneal_geo.errors import AnnealError, PluginError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backbone"]
+__all__ = ["CONTRACT_VERSION", "Backbone"]
+
+
+#: Version of this contract; a plugin declaring another version is refused at load time.
+CONTRACT_VERSION = 1
 
 
 class Backbone(ABC):
@@ -36,6 +40,7 @@ class Backbone(ABC):
     """
 
     trainable: ClassVar[bool] = True
+    contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
 

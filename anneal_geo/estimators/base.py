@@ -10,7 +10,11 @@ import numpy as np
 from anneal_geo._validate import check_array, plugin_label
 from anneal_geo.errors import PluginError
 
-__all__ = ["Estimator"]
+__all__ = ["CONTRACT_VERSION", "Estimator"]
+
+
+#: Version of this contract; a plugin declaring another version is refused at load time.
+CONTRACT_VERSION = 1
 
 
 class Estimator(ABC):
@@ -35,6 +39,7 @@ class Estimator(ABC):
     needs_labels: ClassVar[bool] = False
     uses_embeddings: ClassVar[bool] = True
     symmetric: ClassVar[bool] = True
+    contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
 

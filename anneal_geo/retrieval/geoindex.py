@@ -295,6 +295,11 @@ class GeoIndex:
         from anneal_geo.data.pool import PatchPool
 
         path = Path(path)
+        if not path.exists():
+            raise DataError(
+                f"{path} does not exist; give the folder holding {META_FILE} (the session or "
+                "pool the index was built for)"
+            )
         directory = path if path.is_dir() else path.parent
         meta_path, faiss_path = directory / META_FILE, directory / INDEX_FILE
         if not meta_path.is_file():

@@ -10,7 +10,11 @@ import numpy as np
 from anneal_geo._validate import check_array, plugin_label
 from anneal_geo.errors import PluginError
 
-__all__ = ["Selector"]
+__all__ = ["CONTRACT_VERSION", "Selector"]
+
+
+#: Version of this contract; a plugin declaring another version is refused at load time.
+CONTRACT_VERSION = 1
 
 
 class Selector(ABC):
@@ -25,6 +29,7 @@ class Selector(ABC):
         **options: selector-specific settings.
     """
 
+    contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
 
