@@ -111,6 +111,9 @@ def query(
     if out is not None and out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
         raise ConfigError(f"--out {out}: use a .gpkg (GeoPackage) or .geojson file")
     geo = GeoIndex.load(index_path)
+    note = geo.staleness()
+    if note:
+        typer.echo(f"note: {note}", err=True)
     try:
         if patch is not None:
             results = geo.query_patch(patch, k, include_query=include_query)

@@ -141,9 +141,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     efs = [int(e) for e in args.ef.split(",")]
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        points = clustered(n + args.queries, args.dim, args.clusters, args.spread, rng)
-        rows.append(measure("synthetic clustered", points[:n], points[n:], efs))
+    for spread in (float(s) for s in args.spreads.split(",")):
+        for n in (int(s) for s in args.sizes.split(",")):
+            points = clustered(n + args.queries, args.dim, args.clusters, spread, rng)
+            name = f"synthetic, spread {spread:g}"
+            rows.append(measure(name, points[:n], points[n:], efs) | {"spread": spread})
     if not args.no_real:
         data, queries = real_pool(args.queries, rng)
         rows.append(measure("Major TOM cell, stride 32", data, queries, efs))

@@ -5,9 +5,10 @@ On the Major TOM cell in sample_tiles/ (12 bands at 10/20/60 m, or the four 10 m
 for several patch sizes:
 
 - ``pool``: ``PatchPool.from_tiles`` (TorchGeo RasterDataset + GriddedPatchSampler through a
-  DataLoader, blocks of 8 x 8 patches per read) then ``pool.save`` (patches.npy,
-  footprints.gpkg, pool.json), the path ``anneal-geo pool build`` takes;
-- ``pool, read_block=1``: the same with one TorchGeo read per patch;
+  DataLoader, reads of about 1024 px) then ``pool.save`` (patches.npy, footprints.gpkg,
+  pool.json), the path ``anneal-geo pool build`` takes, without the cloud mask (the floor
+  does not read it either); ``pool + cloud mask`` with it (the default);
+- ``pool, read_block=1``: one TorchGeo read per patch;
 - ``floor``: rasterio only, the same windows (from the pool's footprints), every band read
   with ``Window`` + ``out_shape`` and bilinear resampling onto the patch grid, into one
   array (no saving, no footprints, no statistics).
@@ -84,44 +85,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32,64,120")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dense-stride", type=int, default=16, help="extra 64 px run")
     args = parser.parse_args()
     band_files = find_scenes(CELL)[0].band_files
     PatchPool.from_tiles(CELL, 64, bands=["B02"], progress=False)  # warm-up: imports
     rows = []
-    for bands in (None, ["B02", "B03", "B04", "B08"]):
-        for size in (int(s) for s in args.sizes.split(",")):
-            options: dict[str, Any] = {"patch_size": size, "bands": bands}
-            pool, read_s, total_s = timed_pool(options, args.repeat)
-            _, block1_read, block1_total = timed_pool({**options, "read_block": 1}, 1)
-            floor = min(floor_read(pool, band_files)[1] for _ in range(args.repeat))
-            patches, _ = floor_read(pool, band_files)
-            same = bool(np.array_equal(patches, pool.patches))
-            n = len(pool)
-            row = {
-                "bands": len(pool.bands),
-                "patch_size": size,
-                "patches": n,
-                "dtype": str(pool.patches.dtype),
-                "pool_read_patches_per_s": round(n / read_s, 1),
-                "pool_saved_patches_per_s": round(n / total_s, 1),
-                "pool_read_block1_patches_per_s": round(n / block1_read, 1),
-                "pool_saved_block1_patches_per_s": round(n / block1_total, 1),
-                "floor_patches_per_s": round(n / floor, 1),
-                "ratio_saved_pool_to_floor": round(floor / total_s, 3),
-                "ratio_read_to_floor": round(floor / read_s, 3),
-                "ratio_saved_block1_to_floor": round(floor / block1_total, 3),
-                "values_equal_to_floor": same,
-            }
-            rows.append(row)
-            print(
-                f"{row['bands']:>2} bands {size:>3} px, {n:>4} patches: saved pool "
-                f"{row['pool_saved_patches_per_s']:>7.1f}/s (read only "
-                f"{row['pool_read_patches_per_s']:>7.1f}/s; per-patch reads "
-                f"{row['pool_saved_block1_patches_per_s']:>6.1f}/s), floor "
-                f"{row['floor_patches_per_s']:>7.1f}/s -> ratio "
-                f"{row['ratio_saved_pool_to_floor']:.2f} (equal values: {same})",
-                flush=True,
-            )
+    ten_m = ["B02", "B03", "B04", "B08"]
+    runs: list[dict[str, Any]] = [
+        {"patch_size": size, "bands": bands, "cloud_mask": None}
+        for bands in (None, ten_m)
+        for size in (int(s) for s in args.sizes.split(","))
+    ]
+    runs.append({"patch_size": 64, "stride": args.dense_stride, "bands": ten_m, "cloud_mask": None})
+    for options in runs:
+        pool, read_s, total_s = timed_pool(options, args.repeat)
+        _, _, mask_total = timed_pool({**options, "cloud_mask": "auto"}, args.repeat)
+        _, block1_read, block1_total = timed_pool({**options, "read_block": 1}, 1)
+        floor = min(floor_read(pool, band_files)[1] for _ in range(args.repeat))
+        same = bool(np.array_equal(floor_read(pool, band_files)[0], pool.patches))
+        n = len(pool)
+        row = {
+            "bands": len(pool.bands),
+            "patch_size": options["patch_size"],
+            "stride": options.get("stride") or options["patch_size"],
+            "patches": n,
+            "dtype": str(pool.patches.dtype),
+            "pool_read_patches_per_s": round(n / read_s, 1),
+            "pool_saved_patches_per_s": round(n / total_s, 1),
+            "pool_cloud_mask_saved_patches_per_s": round(n / mask_total, 1),
+            "pool_read_block1_patches_per_s": round(n / block1_read, 1),
+            "pool_saved_block1_patches_per_s": round(n / block1_total, 1),
+            "floor_patches_per_s": round(n / floor, 1),
+            "ratio_saved_pool_to_floor": round(floor / total_s, 3),
+            "ratio_read_to_floor": round(floor / read_s, 3),
+            "ratio_saved_block1_to_floor": round(floor / block1_total, 3),
+            "values_equal_to_floor": same,
+        }
+        rows.append(row)
+        print(
+            f"{row['bands']:>2} bands {row['patch_size']:>3} px stride {row['stride']:>3}, "
+            f"{n:>4} patches: saved pool {row['pool_saved_patches_per_s']:>7.1f}/s (read only "
+            f"{row['pool_read_patches_per_s']:>7.1f}/s; with cloud mask "
+            f"{row['pool_cloud_mask_saved_patches_per_s']:>7.1f}/s; per-patch reads "
+            f"{row['pool_saved_block1_patches_per_s']:>6.1f}/s), floor "
+            f"{row['floor_patches_per_s']:>7.1f}/s -> ratio "
+            f"{row['ratio_saved_pool_to_floor']:.2f} (equal values: {same})",
+            flush=True,
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"cell": "sample_tiles/majortom_s2l2a_tile", "repeat": args.repeat, "results": rows}
     (RESULTS / "ingest_speed.json").write_text(json.dumps(out, indent=1) + "\n")

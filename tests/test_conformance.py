@@ -44,6 +44,8 @@ BUILTINS = {
     ("backbones", "resnet18"),
     ("backbones", "smallcnn"),
     ("annotators", "oracle"),
+    ("annotators", "terminal"),
+    ("annotators", "widget"),
 }
 
 

@@ -283,6 +283,10 @@ def test_a_session_index_uses_the_session_embeddings(pool_dir, tmp_path) -> None
         results = geo.query_image(tmp_path / "patch.tif", k=3)
         geo.close()
         assert results["patch_id"].iloc[0] == 200 and results["distance"].iloc[0] < 1e-3
+        assert geo.staleness() is None
+        with Engine(session, pool, progress=False) as engine:
+            engine.run(rounds=1)  # the session moves on: the index is now out of date
+        assert "finished round 2 since this index was built (round 1)" in geo.staleness()
     finally:
         plugins.unregister("greenness", "annotators")
 

@@ -21,9 +21,10 @@ edges, as the sampler does), so no patch is padded with fill. The sampler's slic
 exact float64 coordinates, and the footprints and pixel windows are computed from them
 (a sample's ``bounds`` tensor is float32, which is about half a metre off on a UTM
 northing). Patches are read through a ``DataLoader`` in blocks of up to
-``read_block x read_block`` neighbouring patches (one TorchGeo read per block, cut into
-patches with numpy): TorchGeo spends about 1 ms of Python per band and read, which would
-otherwise dominate (``read_block=1`` reads each patch on its own; the values are the same).
+``read_block x read_block`` neighbouring patches, about 1024 px (one TorchGeo read per
+block, cut into patches with numpy): TorchGeo spends about 1 ms of Python per band and
+read, which would otherwise dominate (``read_block=1`` reads each patch on its own; the
+values are the same).
 
 Patches that are mostly nodata (every band equal to the nodata value, 0 for Sentinel-2
 L2A files that declare none), or mostly cloud when a cloud mask is given (Major TOM's
@@ -73,8 +74,9 @@ DEFAULT_PATCH_SIZE = 64
 DEFAULT_MAX_NODATA = 0.5
 #: Raster files a tile archive may hold (JPEG/PNG previews are never scenes).
 TILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
-#: Patches per side of one TorchGeo read (see the module docstring).
-DEFAULT_READ_BLOCK = 8
+# Pixels per side of one TorchGeo read when read_block is not given (see the module
+# docstring): about one 1024 px GeoTIFF block, ~50 MB for 12 float32 bands.
+_READ_PIXELS = 1024
 # A raster at least this large (and georeferenced) is a scene, not a patch, when telling a
 # tile archive from a class-folder archive (EuroSAT 64 px, BigEarthNet 120, UC Merced 256).
 _MIN_SCENE_SIDE = 512
@@ -823,7 +825,7 @@ def read_tiles(
     res: float | None = None,
     cloud_mask: str | Path | None = "auto",
     max_nodata: float = DEFAULT_MAX_NODATA,
-    read_block: int = DEFAULT_READ_BLOCK,
+    read_block: int | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
 ) -> TileRead:
@@ -840,7 +842,7 @@ def read_tiles(
         cloud_mask: see :func:`find_scenes`.
         max_nodata: skip a patch when more than this share of its pixels is nodata or cloud
             (0 keeps only spotless patches; 1 keeps everything).
-        read_block: patches per side of one TorchGeo read.
+        read_block: patches per side of one TorchGeo read (default: about 1024 px).
         num_workers: ``DataLoader`` worker processes (0: read in this process).
         progress: show a progress bar (None: only on a terminal).
 
@@ -857,7 +859,11 @@ def read_tiles(
     t0 = time.perf_counter()
     size = _check_size(patch_size, "patch_size")
     step = size if stride is None else _check_size(stride, "stride")
-    block = _check_size(read_block, "read_block")
+    block = (
+        max(1, min(32, _READ_PIXELS // step))
+        if read_block is None
+        else _check_size(read_block, "read_block")
+    )
     if not 0.0 <= float(max_nodata) <= 1.0:
         raise ConfigError(f"max_nodata={max_nodata!r} must lie in [0, 1] (a share of pixels)")
     if res is not None and not (math.isfinite(res) and res > 0):

@@ -5,7 +5,9 @@ Two generators behind one entry point, :func:`candidate_blocks`:
 - ``exhaustive``: every pair among the allowed ids, yielded block by block so N x N is never
   held in memory; fine for small pools (see :data:`EXHAUSTIVE_MAX_PATCHES`).
 - ``knn``: the edges of the K-nearest-neighbour graph of the embeddings (faiss), plus a
-  random sample of far pairs; linear in N.
+  random sample of far pairs. The graph is exact (``IndexFlatL2``, cost N^2 D) up to
+  :data:`EXACT_KNN_MAX_PATCHES` ids and approximate above (clustered IVF search, cost about
+  N D (probes x list size), linear in N); see :func:`knn_candidates`.
 
 Both drop the excluded pairs (queried and implied). Patch ids are PatchPool row indices and
 every pair has ``i < j``.
@@ -13,8 +15,9 @@ every pair has ``i < j``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -22,18 +25,26 @@ from anneal_geo.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "EXACT_KNN_MAX_PATCHES",
     "EXHAUSTIVE_MAX_PATCHES",
+    "IVF_LIST_SIZE",
+    "IVF_PROBES",
+    "KNN_EDGE_BUDGET",
+    "KNN_METHODS",
     "MODES",
     "candidate_blocks",
     "count_exhaustive",
     "default_mode",
     "exhaustive_blocks",
     "in_sorted",
+    "ivf_cells",
     "knn_candidates",
     "pair_keys",
     "sorted_keys",
+    "suggested_knn_k",
     "triu_pairs",
     "uniform_candidates",
+    "unique_sorted",
 ]
 
 #: Candidate modes; ``auto`` picks :func:`default_mode` from the number of ids.
@@ -57,8 +68,70 @@ EXHAUSTIVE_MAX_PATCHES: Final = 1_500
 # Queries per faiss search call in knn_candidates: bounds the (chunk, k + 1) result arrays.
 _KNN_QUERY_CHUNK: Final = 65_536
 
+#: How the k-NN graph is searched: ``exact`` (faiss ``IndexFlatL2``), ``ivf`` (clustered,
+#: approximate) or ``auto`` (exact up to :data:`EXACT_KNN_MAX_PATCHES` ids, else ivf).
+KNN_METHODS: Final = ("auto", "exact", "ivf")
+
+#: Largest set of ids whose k-NN graph ``auto`` computes exactly. Exact search costs
+#: N^2 D multiply-adds: measured on the 2-core development machine (D = 128, shared with
+#: other jobs) 20k ids take about 3-5 s and 100k about 100 s, while the IVF search below
+#: takes about 1 s at 20k. Below this size exactness is cheap enough to keep.
+EXACT_KNN_MAX_PATCHES: Final = 20_000
+
+#: Points per IVF cell (inverted list) of the approximate k-NN graph. Each point is
+#: compared with the points of its :data:`IVF_PROBES` nearest cells, so the search costs
+#: about N x IVF_PROBES x IVF_LIST_SIZE distances: linear in N for a fixed list size.
+IVF_LIST_SIZE: Final = 256
+
+#: Cells searched per point. Measured on synthetic clustered embeddings (100k and 1M points,
+#: D = 128, 8-dimensional clusters plus noise): 3 probes of 256 points find about 70 % of
+#: the exact 10 nearest neighbours, and the neighbours found are on average only a few per
+#: cent farther than the exact ones (benchmarks/scale_selection.py reports both).
+IVF_PROBES: Final = 3
+
+#: Directed k-NN edges (ids x k) that :func:`suggested_knn_k` aims at: about the candidate
+#: count the 60-second selection budget allows at 1M patches (benchmarks/scale_selection.py).
+KNN_EDGE_BUDGET: Final = 10_000_000
+
+# Coarse cells per top-level cell are trained on at most this many points each (faiss
+# subsamples), and k-means runs this many iterations: the partition only has to be
+# reasonable, it is not the result.
+_IVF_TRAIN_PER_CELL: Final = 64
+_IVF_NITER: Final = 10
+# Each point's probes are chosen among the cells of this many nearest top-level cells.
+_IVF_TOP_NEIGHBOURS: Final = 3
+# The approximate graph is a function of the embeddings alone: its k-means runs on this seed.
+_IVF_SEED: Final = 1234
+
 
 # -- keys and membership ------------------------------------------------------------------
+
+
+def unique_sorted(values: np.ndarray) -> np.ndarray:
+    """Sorted unique values of a 1-D array, by sorting and masking.
+
+    Same result as ``np.unique(values)``, which in numpy 2.5 takes a hash-table path for
+    integers that is measured 10-18 times slower than a sort on millions of keys (5M keys:
+    5.7 s against 0.3 s). Candidate generation deduplicates tens of millions of pair keys.
+
+    Args:
+        values: a 1-D array.
+
+    Returns:
+        the sorted distinct values, same dtype.
+    """
+    out = np.sort(np.asarray(values).reshape(-1))
+    if out.size < 2:
+        return out
+    keep = np.empty(out.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
+
+
+def _union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of two key arrays (``np.union1d`` without its slow unique)."""
+    return unique_sorted(np.concatenate((a, b)))
 
 
 def pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:
@@ -93,7 +166,7 @@ def sorted_keys(pairs: np.ndarray | None, n: int) -> np.ndarray:
     arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     if arr.size and (arr.min() < 0 or arr.max() >= n):
         raise ValueError(f"excluded pairs must hold patch ids in [0, {n})")
-    return np.unique(pair_keys(np.sort(arr, axis=1), n))
+    return unique_sorted(pair_keys(np.sort(arr, axis=1), n))
 
 
 def in_sorted(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -118,7 +191,7 @@ def _check_ids(ids: np.ndarray, what: str = "ids") -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ValueError(f"{what} must be a 1-D integer array of patch ids, got {arr.dtype}")
-    arr = np.unique(arr.astype(np.int64))  # sorted, unique: pairs come out with i < j
+    arr = unique_sorted(arr.astype(np.int64))  # sorted, unique: pairs come out with i < j
     if arr.size and arr[0] < 0:
         raise ValueError(f"{what} contains the negative patch id {int(arr[0])}")
     return arr
@@ -234,22 +307,171 @@ def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(0 if rng is None else rng)
 
 
-def _knn_edge_keys(emb: np.ndarray, ids: np.ndarray, k: int, base: int) -> np.ndarray:
-    """Sorted unique keys of the symmetrised k-NN graph over ``emb`` (rows = ``ids``)."""
+def suggested_knn_k(
+    n: int, edge_budget: int = KNN_EDGE_BUDGET, largest: int = 50, smallest: int = 10
+) -> int:
+    """A neighbour count K for a pool of ``n`` ids: ``edge_budget / n`` within [smallest, largest].
+
+    The k-NN graph has about n K / 1.5 distinct pairs once symmetrised, and every one is
+    scored each round, so the selection time grows with n K. K = 50 is cheap up to about
+    200k ids; at 1M it would give ~35M candidate pairs (about 4 times the 60-second budget
+    of benchmarks/scale_selection.py) where K = 10 gives ~7M. Fewer neighbours lose little
+    on a large pool: the 10 nearest of a million patches are already far closer than the
+    similar/dissimilar threshold, so pairs near that threshold come from the far-pair
+    sample and the neighbour edges of less dense regions either way.
+
+    Args:
+        n: number of ids in the candidate pool.
+        edge_budget: directed edges (n x K) to aim at.
+        largest: the K of small pools.
+        smallest: the least K used however large the pool.
+
+    Returns:
+        K, an int in ``[smallest, largest]``.
+    """
+    if n <= 0:
+        return int(largest)
+    return int(min(largest, max(smallest, edge_budget // n)))
+
+
+def _exact_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (rows, k + 1) neighbour rows) blocks of the exact k-NN search."""
     import faiss  # heavy: imported where used
 
-    m = emb.shape[0]
     # Thread count: faiss's default (all cores via OpenMP); setting it here would change a
     # process-wide setting behind the caller's back.
     index = faiss.IndexFlatL2(emb.shape[1])
     index.add(emb)
-    chunks = []
-    for lo in range(0, m, _KNN_QUERY_CHUNK):
-        hi = min(lo + _KNN_QUERY_CHUNK, m)
+    for lo in range(0, emb.shape[0], _KNN_QUERY_CHUNK):
         # k + 1: the query itself is (nearly always) its own first neighbour.
-        _, nbr = index.search(emb[lo:hi], k + 1)
+        _, nbr = index.search(emb[lo : lo + _KNN_QUERY_CHUNK], k + 1)
+        yield lo, nbr
+
+
+def _kmeans_centroids(points: np.ndarray, count: int, seed: int, per_cell: int) -> np.ndarray:
+    """``count`` k-means centroids of ``points`` (faiss, trained on a seeded subsample)."""
+    import faiss
+
+    if count <= 1:
+        return np.ascontiguousarray(points.mean(axis=0, keepdims=True), dtype=np.float32)
+    kmeans = faiss.Kmeans(
+        points.shape[1],
+        count,
+        niter=_IVF_NITER,
+        seed=seed,
+        # faiss subsamples to per_cell points per centroid (seeded); min 1 silences its
+        # "too few points" warning for the small cells of a small pool.
+        max_points_per_centroid=per_cell,
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    kmeans.train(points)
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def _groups(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by label, and the start of each label's run (``count + 1`` entries)."""
+    order = np.argsort(labels, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(count + 1))
+
+
+def ivf_cells(
+    emb: np.ndarray, list_size: int = IVF_LIST_SIZE, probes: int = IVF_PROBES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partition ``emb`` into cells of about ``list_size`` points; each point's nearest cells.
+
+    A two-level k-means: about sqrt(cells) top-level cells, each split into cells of about
+    ``list_size`` of its points. A point's ``probes`` nearest cells are searched among the
+    cells of its top-level cell and of that cell's nearest top-level neighbours, so no point
+    is compared with every cell centroid (that flat assignment would cost N^2 D / list_size,
+    quadratic in N; this costs about N D (sqrt(cells) + 3 x cells per top cell)).
+
+    Args:
+        emb: (M, D) float32, C-contiguous.
+        list_size: target points per cell.
+        probes: nearest cells to return per point.
+
+    Returns:
+        (centroids (C, D) float32, probe (M, probes) int64 cell ids nearest first, the first
+        being the point's own cell, -1 padded when there are fewer cells around;
+        probe_dist (M, probes) float32 squared distances, inf where padded).
+    """
+    import faiss
+
+    m = emb.shape[0]
+    n_cells = max(1, round(m / list_size))
+    n_top = max(1, min(m, round(math.sqrt(n_cells))))
+    top = _kmeans_centroids(emb, n_top, _IVF_SEED, per_cell=4 * _IVF_TRAIN_PER_CELL)
+    n_top = top.shape[0]
+    _, top_of = faiss.knn(emb, top, 1)
+    order, starts = _groups(top_of[:, 0], n_top)
+    # Cells of each top-level cell, split in proportion to its size.
+    centroids: list[np.ndarray] = []
+    first_cell = np.zeros(n_top + 1, dtype=np.int64)
+    for t in range(n_top):
+        members = order[starts[t] : starts[t + 1]]
+        count = min(members.size, max(1, round(members.size / list_size)))
+        if count:
+            centroids.append(
+                _kmeans_centroids(emb[members], count, _IVF_SEED + 1 + t, _IVF_TRAIN_PER_CELL)
+            )
+        first_cell[t + 1] = first_cell[t] + count
+    cells = np.concatenate(centroids)
+    _, near_top = faiss.knn(top, top, min(_IVF_TOP_NEIGHBOURS, n_top))
+    probe = np.full((m, probes), -1, dtype=np.int64)
+    probe_dist = np.full((m, probes), np.inf, dtype=np.float32)
+    for t in range(n_top):
+        members = order[starts[t] : starts[t + 1]]
+        if not members.size:
+            continue
+        pool = np.concatenate([np.arange(first_cell[u], first_cell[u + 1]) for u in near_top[t]])
+        width = min(probes, pool.size)
+        dist, nearest = faiss.knn(emb[members], cells[pool], width)
+        probe[members, :width] = pool[nearest]
+        probe_dist[members, :width] = dist
+    return cells, probe, probe_dist
+
+
+def _ivf_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (rows, k + 1) neighbour rows) blocks of the approximate k-NN search.
+
+    faiss IVF with per-point probes (:func:`ivf_cells`) over vectors stored as float16:
+    half the memory traffic of float32 and measured twice as fast, with the same neighbours
+    found (a float16 rounding changes distances by ~1e-3 relative).
+    """
+    import faiss
+
+    cells, probe, probe_dist = ivf_cells(emb)
+    dim = emb.shape[1]
+    quantizer = faiss.IndexFlatL2(dim)
+    quantizer.add(cells)
+    # Typed Any: faiss's stubs describe the C++ signatures, not the numpy wrappers used here.
+    index: Any = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, cells.shape[0], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2
+    )
+    index.train(emb[:1])  # float16 needs no statistics; the quantizer is already filled
+    own_cell = np.ascontiguousarray(probe[:, 0])
+    data = np.ascontiguousarray(emb, dtype=np.float32)
+    # Points go to the cells ivf_cells chose (no second coarse assignment); both arrays are
+    # bound to names so they outlive the raw pointers handed to faiss.
+    index.add_core(data.shape[0], faiss.swig_ptr(data), None, faiss.swig_ptr(own_cell))
+    index.nprobe = probe.shape[1]
+    for lo in range(0, emb.shape[0], _KNN_QUERY_CHUNK):
+        hi = min(lo + _KNN_QUERY_CHUNK, emb.shape[0])
+        _, nbr = index.search_preassigned(data[lo:hi], k + 1, probe[lo:hi], probe_dist[lo:hi])
+        yield lo, nbr
+
+
+def _knn_edge_keys(
+    emb: np.ndarray, ids: np.ndarray, k: int, base: int, method: str
+) -> np.ndarray:
+    """Sorted unique keys of the symmetrised k-NN graph over ``emb`` (rows = ``ids``)."""
+    blocks = _ivf_neighbours(emb, k) if method == "ivf" else _exact_neighbours(emb, k)
+    chunks = []
+    for lo, found in blocks:
+        hi = lo + found.shape[0]
         row = np.arange(lo, hi, dtype=np.int64)[:, None]
-        nbr = nbr.astype(np.int64, copy=False)
+        nbr = found.astype(np.int64, copy=False)
         # Drop self and faiss's -1 padding, then keep the first k left: with duplicate
         # vectors the query may not come first, or may be missing from its own list.
         valid = (nbr != row) & (nbr >= 0)
@@ -257,10 +479,10 @@ def _knn_edge_keys(emb: np.ndarray, ids: np.ndarray, k: int, base: int) -> np.nd
         a = np.broadcast_to(row, nbr.shape)[keep]
         b = nbr[keep]
         lo_id, hi_id = ids[np.minimum(a, b)], ids[np.maximum(a, b)]
-        chunks.append(np.unique(lo_id * np.int64(base) + hi_id))
+        chunks.append(unique_sorted(lo_id * np.int64(base) + hi_id))
     if not chunks:
         return np.empty(0, dtype=np.int64)
-    return np.unique(np.concatenate(chunks))
+    return unique_sorted(np.concatenate(chunks))
 
 
 def _sample_far_keys(
@@ -302,7 +524,7 @@ def _sample_far_keys(
         # Keep first occurrences in draw order, so the result depends only on the rng.
         _, first = np.unique(keys, return_index=True)
         keys = keys[np.sort(first)]
-        keys = keys[~np.isin(keys, found)]
+        keys = keys[~in_sorted(keys, np.sort(found))]
         found = np.concatenate((found, keys[:need]))
     return np.sort(found)
 
@@ -314,13 +536,22 @@ def knn_candidates(
     far_fraction: float = 0.1,
     exclude: np.ndarray | None = None,
     rng: np.random.Generator | int | None = None,
+    *,
+    method: str = "auto",
 ) -> np.ndarray:
     """Pairs of near neighbours in embedding space, plus a few random far pairs.
 
-    The k-nearest-neighbour graph over ``embeddings[ids]`` (faiss exact L2 search) gives
-    one edge per (patch, neighbour), symmetrised and deduplicated. Excluded pairs are
-    removed, then ``round(far_fraction * edges left)`` random non-edge, non-excluded pairs
-    among ``ids`` are added so the estimator also sees pairs the current metric calls far.
+    The k-nearest-neighbour graph over ``embeddings[ids]`` gives one edge per (patch,
+    neighbour), symmetrised and deduplicated. Excluded pairs are removed, then
+    ``round(far_fraction * edges left)`` random non-edge, non-excluded pairs among ``ids``
+    are added so the estimator also sees pairs the current metric calls far.
+
+    The graph is exact (faiss ``IndexFlatL2``) up to :data:`EXACT_KNN_MAX_PATCHES` ids and
+    approximate above (``method="auto"``): a faiss IVF search in which each point scans
+    the :data:`IVF_PROBES` nearest cells of about :data:`IVF_LIST_SIZE` points
+    (:func:`ivf_cells`), so the cost grows linearly with the number of ids instead of with
+    its square. The approximate graph depends on the embeddings only (its k-means is
+    seeded with a constant), not on ``rng``.
 
     Args:
         embeddings: (N, D) float embeddings of the whole pool (row = patch id).
@@ -329,6 +560,7 @@ def knn_candidates(
         far_fraction: far pairs per kept edge (>= 0).
         exclude: (E, 2) pairs to leave out, or None.
         rng: generator or seed of the far-pair sample; None = seed 0.
+        method: ``"auto"``, ``"exact"`` or ``"ivf"`` (see :data:`KNN_METHODS`).
 
     Returns:
         (M, 2) int64 pairs with ``i < j``, sorted, unique.
@@ -345,21 +577,31 @@ def knn_candidates(
         raise ConfigError(f"candidates k = {k} must be a positive integer")
     if not np.isfinite(far_fraction) or far_fraction < 0:
         raise ConfigError(f"candidates far_fraction = {far_fraction} must be >= 0")
+    if method not in KNN_METHODS:
+        raise ConfigError(
+            f"candidates knn method {method!r} is unknown; choose one of: {', '.join(KNN_METHODS)}"
+        )
     generator = _as_rng(rng)
     m = int(ids_arr.size)
     if m < 2:
         return np.empty((0, 2), dtype=np.int64)
+    if method == "auto":
+        method = "exact" if m <= EXACT_KNN_MAX_PATCHES else "ivf"
     base = _key_base(ids_arr, exclude)
-    emb = np.ascontiguousarray(emb_all[ids_arr], dtype=np.float32)
+    # Every id: no gather copy of the embeddings (512 MB at 1M x 128).
+    everything = m == emb_all.shape[0]
+    emb = np.ascontiguousarray(emb_all if everything else emb_all[ids_arr], dtype=np.float32)
     if not np.isfinite(emb).all():
         raise ValueError("embeddings contain NaN or infinite values")
-    edges = _knn_edge_keys(emb, ids_arr, min(int(k), m - 1), base)
+    edges = _knn_edge_keys(emb, ids_arr, min(int(k), m - 1), base, method)
+    del emb
     excluded = sorted_keys(exclude, base)
     edges = edges[~in_sorted(edges, excluded)]
     n_far = round(float(far_fraction) * edges.size)
-    taken = np.union1d(edges, excluded)
+    taken = _union_sorted(edges, excluded)
     far = _sample_far_keys(ids_arr, taken, n_far, base, generator)
-    keys = np.union1d(edges, far)
+    del taken
+    keys = _union_sorted(edges, far)
     return np.stack((keys // base, keys % base), axis=1)
 
 
@@ -375,6 +617,8 @@ def candidate_blocks(
     k: int = 50,
     far_fraction: float = 0.1,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    knn_method: str = "auto",
 ) -> Iterator[np.ndarray]:
     """Candidate pairs of one round, in blocks of at most ``block_size``.
 
@@ -389,6 +633,8 @@ def candidate_blocks(
         k: neighbours per patch (``knn``).
         far_fraction: far pairs per neighbour edge (``knn``).
         block_size: the most pairs per yielded block.
+        knn_method: how ``knn`` searches the neighbour graph (:data:`KNN_METHODS`; ``auto``
+            is exact up to :data:`EXACT_KNN_MAX_PATCHES` ids, approximate IVF above).
 
     Returns:
         An iterator of (B, 2) int64 arrays with ``i < j``.
@@ -400,13 +646,13 @@ def candidate_blocks(
         raise ConfigError(f"candidates mode {mode!r} is unknown; choose one of: {', '.join(MODES)}")
     size = _check_block_size(block_size)
     if mode == "auto":
-        mode = default_mode(int(np.unique(np.asarray(ids)).size))
+        mode = default_mode(int(unique_sorted(np.asarray(ids)).size))
     if mode == "exhaustive":
         return exhaustive_blocks(ids, exclude, size)
     if mode == "uniform":
         pairs = uniform_candidates(ids, UNIFORM_SAMPLE, exclude, rng)
         return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
-    pairs = knn_candidates(embeddings, ids, k, far_fraction, exclude, rng)
+    pairs = knn_candidates(embeddings, ids, k, far_fraction, exclude, rng, method=knn_method)
     return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
 
 
@@ -425,7 +671,7 @@ def uniform_candidates(
         (M, 2) int64 pairs with ``i < j``, in random order.
     """
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng or 0)
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    ids = unique_sorted(np.asarray(ids, dtype=np.int64))
     m = ids.size
     total = m * (m - 1) // 2
     if total <= count:

@@ -371,6 +371,26 @@ class GeoIndex:
     def __repr__(self) -> str:
         return f"GeoIndex({len(self)} patches, {self.meta['dim']}-d, {self.kind})"
 
+    def staleness(self) -> str | None:
+        """For a session index: a note when the session has trained further rounds since the
+        index was built (its embeddings have moved on), else None."""
+        embedder = self.meta.get("embedder", {})
+        if embedder.get("kind") != "session":
+            return None
+        from anneal_geo.session import Session
+
+        try:
+            latest = Session.open(embedder["session"]).latest_checkpoint()
+        except Exception:  # a moved or deleted session: the index itself is still usable
+            return None
+        if latest is not None and latest[0] != embedder.get("round"):
+            return (
+                f"the session has finished round {latest[0]} since this index was built "
+                f"(round {embedder.get('round')}); rebuild it with `anneal-geo index "
+                f"{embedder['session']}` to search the newest embeddings"
+            )
+        return None
+
     # -- search --------------------------------------------------------------------------
     def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """The indexed embeddings of patches ``ids`` (read back from the index)."""
@@ -753,7 +773,7 @@ def plot_results(index: GeoIndex, results: Any, path: str | Path, n: int = 8) ->
         if len(footprints) <= 20_000:
             footprints.plot(ax=ax, facecolor="none", edgecolor="0.85", linewidth=0.3)
         results.plot(ax=ax, facecolor="tab:blue", edgecolor="tab:blue", alpha=0.5)
-        for row in shown.itertuples(index=False):
+        for row in results.itertuples(index=False):
             c = row.geometry.centroid
             ax.annotate(str(row.rank), (c.x, c.y), fontsize=7, ha="center", va="center")
         if query_ids:
@@ -764,7 +784,9 @@ def plot_results(index: GeoIndex, results: Any, path: str | Path, n: int = 8) ->
             ax.plot(*query["point"], marker="x", color="black")
         ax.set_xlabel("longitude")
         ax.set_ylabel("latitude")
-        ax.set_aspect("equal")
+        # Degrees of longitude shrink with latitude: keep the map's shapes true.
+        lat = float(np.mean(results.total_bounds[[1, 3]]))
+        ax.set_aspect(1.0 / max(math.cos(math.radians(lat)), 0.05))
         ax.set_title("where: query (red) and results (blue, by rank)", fontsize=9)
     else:
         ax.text(0.5, 0.5, "no footprints (pool not georeferenced)", ha="center")
