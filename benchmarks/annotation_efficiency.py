@@ -59,6 +59,46 @@ def run_method(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+CLASS_LABELS = "class labels (equal bits)"
+
+
+def run_class_labels(
+    pool: PatchPool, pool_dir: Path, seed: int, args: argparse.Namespace, budgets: list[int]
+) -> list[dict[str, Any]]:
+    """Class labels at equal annotation bits: log2(C) bits per image, so B bits buy
+    B / log2(C) labelled images (drawn at random from the archive); the head is trained on
+    every pair among them (similar iff same class) and evaluated like the pair methods."""
+    import torch
+
+    from anneal_geo import plugins
+    from anneal_geo.retrieval.evaluate import evaluate
+    from anneal_geo.retrieval.split import stratified_split
+    from anneal_geo.training import MetricModel, Trainer
+
+    labels = pool.single_labels()
+    archive, query = stratified_split(labels, query_fraction=0.2, seed=seed)
+    bits_per_image = float(np.log2(len(pool.class_names or [])))
+    order = np.random.default_rng([seed, 7]).permutation(archive)
+    backbone = plugins.create("backbones", args.backbone, seed=seed)
+    trunk = backbone.checked_build(pool.bands, pool.band_mean.tolist(), pool.band_std.tolist())
+    trainer = Trainer(MetricModel(trunk, out_dim=128, seed=seed), mode="head", seed=seed,
+                      epochs=args.epochs, progress=False)
+    trainer.cache_features(pool.float_patches, len(pool))
+    records = []
+    torch.set_num_threads(1)
+    for bits in budgets:
+        chosen = np.sort(order[: max(2, int(bits / bits_per_image))])
+        i, j = np.triu_indices(len(chosen), k=1)
+        pairs = np.stack([chosen[i], chosen[j]], axis=1)
+        y = (labels[pairs[:, 0]] == labels[pairs[:, 1]]).astype(np.int8)
+        t = time.perf_counter()
+        trainer.train_round(pairs, y)
+        metrics = evaluate(trainer.embed(), labels, archive, query)
+        records.append({"queried_pairs": bits, "labelled_images": len(chosen),
+                        "seconds": time.perf_counter() - t, **metrics})
+    return records
+
+
 def summarise(records: dict[str, list[list[dict[str, Any]]]], metric: str) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, runs in records.items():
@@ -121,6 +161,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="spectral")
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--no-class-labels", dest="class_labels", action="store_false",
+                        help="skip the class-labels-at-equal-bits baseline")
     args = parser.parse_args()
 
     name = args.name or Path(args.data).name
@@ -145,6 +187,11 @@ def main() -> None:
                 + f"  ({time.perf_counter() - t:.0f} s)",
                 flush=True,
             )
+    if args.class_labels:
+        budgets = [r["queried_pairs"] for r in next(iter(records.values()))[0]]
+        records[CLASS_LABELS] = [
+            run_class_labels(pool, pool_dir, seed, args, budgets) for seed in range(args.seeds)
+        ]
     summary = summarise(records, "map@20")
     reach = pairs_to_reach(summary) if "random pairs" in summary else {}
 

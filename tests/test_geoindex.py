@@ -16,9 +16,11 @@ import pytest
 import rasterio
 import shapely
 from rasterio.windows import Window
+from typer.testing import CliRunner
 
 from anneal_geo import plugins
 from anneal_geo.annotators.base import Annotator
+from anneal_geo.cli import app
 from anneal_geo.data.pool import PatchPool
 from anneal_geo.engine import Engine
 from anneal_geo.errors import ConfigError, DataError
@@ -300,42 +302,52 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_command_line_pool_build_index_query(tmp_path) -> None:
+    # In-process (the libraries are imported already); the error path below runs the real
+    # executable, which turns errors into one line and exit status 2.
+    runner = CliRunner()
     pool = tmp_path / "pools" / "majortom"
-    built = cli(
-        "pool",
-        "build",
-        str(CELL),
-        "--out",
-        str(pool),
-        "--patch-size",
-        "128",
-        "--bands",
-        "B04,B03,B02,B08",
-        "--max-nodata",
-        "0.2",
+    built = runner.invoke(
+        app,
+        [
+            "pool",
+            "build",
+            str(CELL),
+            "--out",
+            str(pool),
+            "--patch-size",
+            "128",
+            "--bands",
+            "B04,B03,B02,B08",
+            "--max-nodata",
+            "0.2",
+        ],
     )
-    assert built.returncode == 0, built.stderr
-    assert "kept 64, skipped 0 (0 mostly nodata, 0 mostly cloud" in built.stdout
-    indexed = cli("index", str(pool))
-    assert indexed.returncode == 0, indexed.stderr
-    assert "indexed 64 patches" in indexed.stdout and "flat" in indexed.stdout
+    assert built.exit_code == 0, built.output
+    assert "kept 64, skipped 0 (0 mostly nodata, 0 mostly cloud" in built.output
+    assert PatchPool.open(pool).bands == ["B04", "B03", "B02", "B08"]
+    indexed = runner.invoke(app, ["index", str(pool)])
+    assert indexed.exit_code == 0, indexed.output
+    assert "indexed 64 patches" in indexed.output and "flat" in indexed.output
     out, png = tmp_path / "results.gpkg", tmp_path / "results.png"
-    query = cli(
-        "query",
-        str(pool),
-        "--point",
-        "103.75,17.92",
-        "-k",
-        "5",
-        "--out",
-        str(out),
-        "--plot",
-        str(png),
+    query = runner.invoke(
+        app,
+        [
+            "query",
+            str(pool),
+            "--point",
+            "103.75,17.92",
+            "-k",
+            "5",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ],
     )
-    assert query.returncode == 0, query.stderr
+    assert query.exit_code == 0, query.output
     assert len(gpd.read_file(out)) == 5 and png.is_file()
+    both = runner.invoke(app, ["query", str(pool), "--patch", "3", "--point", "103.75,17.92"])
+    assert isinstance(both.exception, ConfigError) and "exactly one of" in str(both.exception)
     outside = cli("query", str(pool), "--point", "2.35,48.85")
     assert outside.returncode == 2
     assert outside.stderr.strip().count("\n") == 0 and "outside every patch" in outside.stderr
-    both = cli("query", str(pool), "--patch", "3", "--point", "103.75,17.92")
-    assert both.returncode == 2 and "exactly one of" in both.stderr

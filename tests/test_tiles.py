@@ -266,6 +266,31 @@ def test_cloudy_patches_are_skipped_by_the_cloud_mask(tmp_path) -> None:
     assert strict.report.skipped_cloud == int((shares > 0).sum())
 
 
+def test_safe_layout_takes_each_band_at_its_finest_resolution(tmp_path, cell_read) -> None:
+    """A SAFE Level-2A granule: bands in R10m/R20m/R60m, repeated at coarser resolutions,
+    beside auxiliary rasters (SCL) that are not bands."""
+    img = tmp_path / "S2B_MSIL2A.SAFE" / "GRANULE" / "L2A_T48QUE" / "IMG_DATA"
+    prefix = "T48QUE_20200223T032739"
+    layout = {
+        "R10m": {b: b for b in ("B02", "B03", "B04", "B08")},
+        "R20m": {b: b for b in ("B05", "B06", "B07", "B8A", "B11", "B12")}
+        | {"B02": "B05", "B04": "B06", "SCL": "cloud_mask"},  # coarser copies, classification
+        "R60m": {"B01": "B01", "B09": "B09", "B02": "B01"},
+    }
+    for folder, files in layout.items():
+        (img / folder).mkdir(parents=True)
+        res = folder[1:]
+        for band, source in files.items():
+            shutil.copy(PRODUCT / f"{source}.tif", img / folder / f"{prefix}_{band}_{res}.tif")
+    scenes = find_scenes(tmp_path)
+    assert len(scenes) == 1 and scenes[0].cloud_mask is None
+    assert scenes[0].band_files["B02"] == img / "R10m" / f"{prefix}_B02_10m.tif"
+    read = read_tiles(tmp_path, 64, progress=False)
+    assert read.bands == cell_read.bands
+    np.testing.assert_array_equal(read.patches, cell_read.patches)
+    assert read.sources[0] == str(img / "R10m" / f"{prefix}_B02_10m.tif")
+
+
 def test_eurosat_files_read_as_tiles_equal_the_folder_reader(tmp_path) -> None:
     files = sorted((SAMPLE / "eurosat_ms").glob("*/*.tif"))[::25]
     for f in files:

@@ -19,12 +19,12 @@ The patch grid of a scene is TorchGeo's ``GriddedPatchSampler``, restricted by a
 interest to whole patches inside the scene (the remainder is split evenly between the
 edges, as the sampler does), so no patch is padded with fill. The sampler's slices are
 exact float64 coordinates, and the footprints and pixel windows are computed from them
-(a sample's ``bounds`` tensor is float32, which is about half a metre off on a UTM
-northing). Patches are read through a ``DataLoader`` in blocks of up to
-``read_block x read_block`` neighbouring patches, about 1024 px (one TorchGeo read per
-block, cut into patches with numpy): TorchGeo spends about 1 ms of Python per band and
-read, which would otherwise dominate (``read_block=1`` reads each patch on its own; the
-values are the same).
+(a sample's ``bounds`` tensor is float32, which rounds a UTM northing by up to 0.25 m).
+
+Patches are read through a ``DataLoader`` in blocks of up to ``read_block x read_block``
+neighbouring patches, about 1024 px (one TorchGeo read per block, cut into patches with
+numpy): TorchGeo spends about 1 ms of Python per band and read, which would otherwise
+dominate (``read_block=1`` reads each patch on its own; the values are the same).
 
 Patches that are mostly nodata (every band equal to the nodata value, 0 for Sentinel-2
 L2A files that declare none), or mostly cloud when a cloud mask is given (Major TOM's
@@ -118,15 +118,6 @@ class Scene:
     band_files: dict[str, Path] = field(default_factory=dict)
     file: Path | None = None
     cloud_mask: Path | None = None
-
-    @property
-    def directory(self) -> Path:
-        """The folder the scene's files lie in (for a SAFE product, the IMG_DATA folder)."""
-        if self.file is not None:
-            return self.file.parent
-        first = next(iter(self.band_files.values()))
-        parent = first.parent
-        return parent.parent if _RESOLUTION_DIR.match(parent.name) else parent
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, list[Path]]]:
@@ -315,7 +306,6 @@ class _Probe:
     scene: Scene
     bands: list[str]  # the bands this scene provides, in file (or ESA) order
     crs: str
-    rio_crs: Any
     native_res: dict[str, tuple[float, float]]  # band -> pixel size (x, y)
     dtypes: dict[str, str]
     nodata: float | None
@@ -343,13 +333,11 @@ def _open_header(path: Path, scene: str) -> dict[str, Any]:
                 )
             return {
                 "crs": crs_text(src.crs),
-                "rio_crs": src.crs,
                 "res": (float(a), float(-e)),
                 "count": src.count,
                 "dtype": src.dtypes[0],
                 "nodata": src.nodata,
                 "descriptions": list(src.descriptions),
-                "bounds": tuple(src.bounds),
             }
     except RasterioError as exc:
         raise DataError(
@@ -374,7 +362,6 @@ def _probe(scene: Scene) -> _Probe:
             scene,
             names,
             head["crs"],
-            head["rio_crs"],
             dict.fromkeys(names, head["res"]),
             dict.fromkeys(names, head["dtype"]),
             head["nodata"],
@@ -392,7 +379,6 @@ def _probe(scene: Scene) -> _Probe:
         scene,
         order,
         first["crs"],
-        first["rio_crs"],
         {b: heads[b]["res"] for b in order},
         {b: heads[b]["dtype"] for b in order},
         first["nodata"],
@@ -514,7 +500,20 @@ def dataset_classes() -> tuple[type[Any], type[Any], type[Any]]:
             self.filename_glob = glob.escape(path.name)
             super().__init__(paths=[str(path)], crs=crs, res=res)
 
-    return Sentinel2BandFiles, MultiBandScene, CloudMask
+    classes = (Sentinel2BandFiles, MultiBandScene, CloudMask)
+    for cls in classes:
+        # Importable as anneal_geo.data.tiles.<name> (module __getattr__), so DataLoader
+        # workers started with spawn can unpickle the datasets.
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    """The TorchGeo dataset classes by name (defined on first use, see dataset_classes)."""
+    if name in ("Sentinel2BandFiles", "MultiBandScene", "CloudMask"):
+        return {cls.__name__: cls for cls in dataset_classes()}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextmanager
@@ -547,7 +546,7 @@ class IngestReport:
         skipped_cloud: windows skipped because nodata and cloud together exceed it.
         max_nodata: the threshold used.
         crs_patches: patches kept per CRS.
-        seconds: wall time of reading (headers, pixels, skipping).
+        seconds: wall time of reading (headers, pixels, skipping; not TorchGeo's import).
     """
 
     scenes: int = 0
@@ -652,19 +651,17 @@ def _output_dtype(plans: Sequence[_Plan]) -> np.dtype[Any]:
     return np.dtype(np.float32)
 
 
-def _scene_dataset(plan: _Plan, grid: tuple[float, float]) -> Any:
+def _scene_dataset(plan: _Plan) -> Any:
     band_cls, multi_cls, mask_cls = dataset_classes()
     scene = plan.probe.scene
     try:
         if scene.file is not None:
-            dataset = multi_cls(scene.file, plan.probe.bands, plan.bands, grid)
+            dataset = multi_cls(scene.file, plan.probe.bands, plan.bands, plan.grid)
         else:
-            dataset = band_cls(scene.band_files, plan.bands, plan.reference_band, grid)
+            dataset = band_cls(scene.band_files, plan.bands, plan.reference_band, plan.grid)
         if scene.cloud_mask is not None:
             dataset = dataset & mask_cls(scene.cloud_mask, dataset.crs, dataset.res)
-    except Exception as exc:
-        if isinstance(exc, DataError):
-            raise
+    except Exception as exc:  # TorchGeo raises many kinds; the headers were checked already
         raise DataError(
             f"TorchGeo could not open scene {scene.name} ({type(exc).__name__}: "
             f"{_reason(exc)}); check its files"
@@ -892,9 +889,12 @@ def read_tiles(
     names = plans[0].bands
     dtype = _output_dtype(plans)
 
+    t_import = time.perf_counter()
+    dataset_classes()  # imports TorchGeo (seconds, once per process): not counted as reading
+    t0 += time.perf_counter() - t_import
     datasets, grids = [], []
     for plan in plans:
-        dataset = _scene_dataset(plan, plan.grid)
+        dataset = _scene_dataset(plan)
         grids.append(_scene_slices(dataset, plan, size, step))
         datasets.append(dataset)
         plan.checksum = sha256_file(plan.source)
@@ -919,10 +919,17 @@ def read_tiles(
         disable=None if progress is None else not progress,
     )
     bounds = np.cumsum([0, *counts])
-    with _one_torch_thread(), bar:
-        for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
-            part = slice(int(bounds[k]), int(bounds[k + 1]))
-            _read_scene(plan, dataset, grid, out[part], keep[part], report, options, bar)
+    try:
+        with _one_torch_thread(), bar:
+            for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
+                part = slice(int(bounds[k]), int(bounds[k + 1]))
+                _read_scene(plan, dataset, grid, out[part], keep[part], report, options, bar)
+    finally:
+        # TorchGeo caches open file handles (and so every dataset) in a class-wide LRU
+        # cache; empty it so the files are closed once the pool is read.
+        from torchgeo.datasets import RasterDataset
+
+        RasterDataset._cached_load_warp_file.cache_clear()
     kept = np.flatnonzero(keep)
     if kept.size == 0:
         raise DataError(

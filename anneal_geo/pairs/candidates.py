@@ -16,7 +16,9 @@ every pair has ``i < j``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import numpy as np
@@ -81,13 +83,13 @@ EXACT_KNN_MAX_PATCHES: Final = 20_000
 #: Points per IVF cell (inverted list) of the approximate k-NN graph. Each point is
 #: compared with the points of its :data:`IVF_PROBES` nearest cells, so the search costs
 #: about N x IVF_PROBES x IVF_LIST_SIZE distances: linear in N for a fixed list size.
-IVF_LIST_SIZE: Final = 256
+IVF_LIST_SIZE: Final = 128
 
 #: Cells searched per point. Measured on synthetic clustered embeddings (100k and 1M points,
 #: D = 128, 8-dimensional clusters plus noise): 3 probes of 256 points find about 70 % of
 #: the exact 10 nearest neighbours, and the neighbours found are on average only a few per
 #: cent farther than the exact ones (benchmarks/scale_selection.py reports both).
-IVF_PROBES: Final = 3
+IVF_PROBES: Final = 4
 
 #: Directed k-NN edges (ids x k) that :func:`suggested_knn_k` aims at: about the candidate
 #: count the 60-second selection budget allows at 1M patches (benchmarks/scale_selection.py).
@@ -99,7 +101,7 @@ KNN_EDGE_BUDGET: Final = 10_000_000
 _IVF_TRAIN_PER_CELL: Final = 64
 _IVF_NITER: Final = 10
 # Each point's probes are chosen among the cells of this many nearest top-level cells.
-_IVF_TOP_NEIGHBOURS: Final = 3
+_IVF_TOP_NEIGHBOURS: Final = 4
 # The approximate graph is a function of the embeddings alone: its k-means runs on this seed.
 _IVF_SEED: Final = 1234
 
@@ -334,8 +336,8 @@ def suggested_knn_k(
     return int(min(largest, max(smallest, edge_budget // n)))
 
 
-def _exact_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, (rows, k + 1) neighbour rows) blocks of the exact k-NN search."""
+def _exact_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, (len(rows), k + 1) neighbour rows) blocks of the exact k-NN search."""
     import faiss  # heavy: imported where used
 
     # Thread count: faiss's default (all cores via OpenMP); setting it here would change a
@@ -343,9 +345,10 @@ def _exact_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray
     index = faiss.IndexFlatL2(emb.shape[1])
     index.add(emb)
     for lo in range(0, emb.shape[0], _KNN_QUERY_CHUNK):
+        hi = min(lo + _KNN_QUERY_CHUNK, emb.shape[0])
         # k + 1: the query itself is (nearly always) its own first neighbour.
-        _, nbr = index.search(emb[lo : lo + _KNN_QUERY_CHUNK], k + 1)
-        yield lo, nbr
+        _, nbr = index.search(emb[lo:hi], k + 1)
+        yield np.arange(lo, hi, dtype=np.int64), nbr
 
 
 def _kmeans_centroids(points: np.ndarray, count: int, seed: int, per_cell: int) -> np.ndarray:
@@ -369,6 +372,19 @@ def _kmeans_centroids(points: np.ndarray, count: int, seed: int, per_cell: int) 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
+@contextmanager
+def _faiss_threads(count: int) -> Iterator[None]:
+    """Run a block with ``count`` faiss (OpenMP) threads, restoring the setting after."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _groups(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows sorted by label, and the start of each label's run (``count + 1`` entries)."""
     order = np.argsort(labels, kind="stable")
@@ -382,9 +398,9 @@ def ivf_cells(
 
     A two-level k-means: about sqrt(cells) top-level cells, each split into cells of about
     ``list_size`` of its points. A point's ``probes`` nearest cells are searched among the
-    cells of its top-level cell and of that cell's nearest top-level neighbours, so no point
-    is compared with every cell centroid (that flat assignment would cost N^2 D / list_size,
-    quadratic in N; this costs about N D (sqrt(cells) + 3 x cells per top cell)).
+    cells of its few nearest top-level cells, so no point is compared with every cell
+    centroid (that flat assignment would cost N^2 D / list_size, quadratic in N; this costs
+    about N D sqrt(cells) (1 + :data:`_IVF_TOP_NEIGHBOURS`)).
 
     Args:
         emb: (M, D) float32, C-contiguous.
@@ -396,16 +412,32 @@ def ivf_cells(
         being the point's own cell, -1 padded when there are fewer cells around;
         probe_dist (M, probes) float32 squared distances, inf where padded).
     """
+    # One faiss thread throughout: these are many mid-sized calls, where OpenMP start-up and
+    # spinning cost more than a second thread gains, far more while other jobs share the
+    # cores (measured on the 2-core machine at 1M points: the top-level assignment took
+    # 1.5 s on one thread and 4.9 s on two, the whole partition 6 s against 38 s).
+    with _faiss_threads(1):
+        return _ivf_cells(emb, list_size, probes)
+
+
+def _ivf_cells(
+    emb: np.ndarray, list_size: int, probes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import faiss
 
     m = emb.shape[0]
     n_cells = max(1, round(m / list_size))
-    n_top = max(1, min(m, round(math.sqrt(n_cells))))
+    # sqrt(reach x cells) top cells balance the two costs per point: n_top distances to the
+    # top centroids, and reach x n_cells / n_top distances to the cells of its top cells.
+    n_top = max(1, min(m, round(math.sqrt(_IVF_TOP_NEIGHBOURS * n_cells))))
     top = _kmeans_centroids(emb, n_top, _IVF_SEED, per_cell=4 * _IVF_TRAIN_PER_CELL)
     n_top = top.shape[0]
-    _, top_of = faiss.knn(emb, top, 1)
-    order, starts = _groups(top_of[:, 0], n_top)
-    # Cells of each top-level cell, split in proportion to its size.
+    reach = min(_IVF_TOP_NEIGHBOURS, n_top)
+    _, near_top = faiss.knn(emb, top, reach)  # (m, reach): each point's nearest top cells
+    order, starts = _groups(near_top[:, 0], n_top)
+    # Every (point, rank) whose rank-th nearest top cell is t, grouped by t.
+    by_top, top_starts = _groups(near_top.reshape(-1), n_top)
+    # Cells of each top-level cell (of the points it is nearest to), split by size.
     centroids: list[np.ndarray] = []
     first_cell = np.zeros(n_top + 1, dtype=np.int64)
     for t in range(n_top):
@@ -417,27 +449,38 @@ def ivf_cells(
             )
         first_cell[t + 1] = first_cell[t] + count
     cells = np.concatenate(centroids)
-    _, near_top = faiss.knn(top, top, min(_IVF_TOP_NEIGHBOURS, n_top))
-    probe = np.full((m, probes), -1, dtype=np.int64)
-    probe_dist = np.full((m, probes), np.inf, dtype=np.float32)
+    # Candidate cells of a point: the nearest `probes` cells inside each of its `reach`
+    # nearest top cells, one top cell at a time (one matrix product per top cell), then
+    # the best `probes` of those. Choosing among the cells of the top cells near the
+    # *point* (not near its top cell) matters: measured at 100k, the latter found 57 % of
+    # the exact neighbours where exact probes found 79 %.
+    cand_cell = np.full((m, reach * probes), -1, dtype=np.int64)
+    cand_dist = np.full((m, reach * probes), np.inf, dtype=np.float32)
     for t in range(n_top):
-        members = order[starts[t] : starts[t + 1]]
-        if not members.size:
+        lo_cell, hi_cell = int(first_cell[t]), int(first_cell[t + 1])
+        flat = by_top[top_starts[t] : top_starts[t + 1]]
+        rows, rank = flat // reach, flat % reach
+        if hi_cell == lo_cell or not rows.size:
             continue
-        pool = np.concatenate([np.arange(first_cell[u], first_cell[u + 1]) for u in near_top[t]])
-        width = min(probes, pool.size)
-        dist, nearest = faiss.knn(emb[members], cells[pool], width)
-        probe[members, :width] = pool[nearest]
-        probe_dist[members, :width] = dist
+        width = min(probes, hi_cell - lo_cell)
+        dist, nearest = faiss.knn(emb[rows], cells[lo_cell:hi_cell], width)
+        cols = rank[:, None] * probes + np.arange(width)[None, :]
+        cand_cell[rows[:, None], cols] = nearest + lo_cell
+        cand_dist[rows[:, None], cols] = dist
+    best = np.argsort(cand_dist, axis=1, kind="stable")[:, :probes]
+    probe = np.take_along_axis(cand_cell, best, axis=1)
+    probe_dist = np.take_along_axis(cand_dist, best, axis=1)
+    probe[~np.isfinite(probe_dist)] = -1
     return cells, probe, probe_dist
 
 
-def _ivf_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, (rows, k + 1) neighbour rows) blocks of the approximate k-NN search.
+def _ivf_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, (len(rows), k + 1) neighbour rows) blocks of the approximate k-NN search.
 
-    faiss IVF with per-point probes (:func:`ivf_cells`) over vectors stored as float16:
-    half the memory traffic of float32 and measured twice as fast, with the same neighbours
-    found (a float16 rounding changes distances by ~1e-3 relative).
+    faiss IVF with per-point probes (:func:`ivf_cells`) over vectors stored as float16
+    (half the memory of float32, the same speed, distances within ~1e-3 relative). Queries
+    go in the order of their own cell, so consecutive queries scan mostly the same lists
+    while they are in the cache: measured twice as fast as id order at 1M points.
     """
     import faiss
 
@@ -456,10 +499,11 @@ def _ivf_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]
     # bound to names so they outlive the raw pointers handed to faiss.
     index.add_core(data.shape[0], faiss.swig_ptr(data), None, faiss.swig_ptr(own_cell))
     index.nprobe = probe.shape[1]
-    for lo in range(0, emb.shape[0], _KNN_QUERY_CHUNK):
-        hi = min(lo + _KNN_QUERY_CHUNK, emb.shape[0])
-        _, nbr = index.search_preassigned(data[lo:hi], k + 1, probe[lo:hi], probe_dist[lo:hi])
-        yield lo, nbr
+    order = np.argsort(own_cell, kind="stable")
+    for lo in range(0, order.size, _KNN_QUERY_CHUNK):
+        rows = order[lo : lo + _KNN_QUERY_CHUNK]
+        _, nbr = index.search_preassigned(data[rows], k + 1, probe[rows], probe_dist[rows])
+        yield rows, nbr
 
 
 def _knn_edge_keys(
@@ -468,9 +512,8 @@ def _knn_edge_keys(
     """Sorted unique keys of the symmetrised k-NN graph over ``emb`` (rows = ``ids``)."""
     blocks = _ivf_neighbours(emb, k) if method == "ivf" else _exact_neighbours(emb, k)
     chunks = []
-    for lo, found in blocks:
-        hi = lo + found.shape[0]
-        row = np.arange(lo, hi, dtype=np.int64)[:, None]
+    for rows, found in blocks:
+        row = rows[:, None]
         nbr = found.astype(np.int64, copy=False)
         # Drop self and faiss's -1 padding, then keep the first k left: with duplicate
         # vectors the query may not come first, or may be missing from its own list.
@@ -538,6 +581,7 @@ def knn_candidates(
     rng: np.random.Generator | int | None = None,
     *,
     method: str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Pairs of near neighbours in embedding space, plus a few random far pairs.
 
@@ -561,6 +605,9 @@ def knn_candidates(
         exclude: (E, 2) pairs to leave out, or None.
         rng: generator or seed of the far-pair sample; None = seed 0.
         method: ``"auto"``, ``"exact"`` or ``"ivf"`` (see :data:`KNN_METHODS`).
+        stats: a dict to fill with what was done: ``knn_method``, ``knn_edges`` (after
+            exclusion), ``far_pairs``, ``seconds_neighbours`` (the graph search) and
+            ``seconds_far`` (exclusion, far sample, merge).
 
     Returns:
         (M, 2) int64 pairs with ``i < j``, sorted, unique.
@@ -588,6 +635,7 @@ def knn_candidates(
     if method == "auto":
         method = "exact" if m <= EXACT_KNN_MAX_PATCHES else "ivf"
     base = _key_base(ids_arr, exclude)
+    started = time.perf_counter()
     # Every id: no gather copy of the embeddings (512 MB at 1M x 128).
     everything = m == emb_all.shape[0]
     emb = np.ascontiguousarray(emb_all if everything else emb_all[ids_arr], dtype=np.float32)
@@ -595,6 +643,7 @@ def knn_candidates(
         raise ValueError("embeddings contain NaN or infinite values")
     edges = _knn_edge_keys(emb, ids_arr, min(int(k), m - 1), base, method)
     del emb
+    searched = time.perf_counter()
     excluded = sorted_keys(exclude, base)
     edges = edges[~in_sorted(edges, excluded)]
     n_far = round(float(far_fraction) * edges.size)
@@ -602,6 +651,14 @@ def knn_candidates(
     far = _sample_far_keys(ids_arr, taken, n_far, base, generator)
     del taken
     keys = _union_sorted(edges, far)
+    if stats is not None:
+        stats.update(
+            knn_method=method,
+            knn_edges=int(edges.size),
+            far_pairs=int(far.size),
+            seconds_neighbours=round(searched - started, 4),
+            seconds_far=round(time.perf_counter() - searched, 4),
+        )
     return np.stack((keys // base, keys % base), axis=1)
 
 

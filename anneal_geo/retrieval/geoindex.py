@@ -395,7 +395,7 @@ class GeoIndex:
     def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """The indexed embeddings of patches ``ids`` (read back from the index)."""
         arr = self.pool._check_ids(ids).reshape(-1)
-        return np.stack([self.index.reconstruct(int(i)) for i in arr]).astype(np.float32)
+        return np.asarray(self.index.reconstruct_batch(arr), dtype=np.float32)
 
     def search(
         self, vectors: np.ndarray, k: int, exclude: np.ndarray | None = None
