@@ -87,7 +87,7 @@ def query(
     image: Path | None = typer.Option(
         None, "--image", help="Query by an image file with the pool's bands."
     ),
-    k: int = typer.Option(20, "-k", "--k", help="Number of results."),
+    k: int = typer.Option(20, "-k", help="Number of results."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write the results as .gpkg (GeoPackage) or .geojson."
     ),
