@@ -20,25 +20,12 @@ from anneal_geo.backbones import weights as w
 from anneal_geo.backbones.resnet import ResNet18Backbone
 from anneal_geo.backbones.smallcnn import SmallCNNBackbone
 from anneal_geo.backbones.spectral import SpectralBackbone
+from anneal_geo.data.bands import EUROSAT_MS_BANDS
 from anneal_geo.errors import ConfigError, DataError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_tiles"
 #: EuroSAT-MS's band order inside the files: B8A is last.
-MS_BANDS = [
-    "B01",
-    "B02",
-    "B03",
-    "B04",
-    "B05",
-    "B06",
-    "B07",
-    "B08",
-    "B09",
-    "B10",
-    "B11",
-    "B12",
-    "B8A",
-]
+MS_BANDS = list(EUROSAT_MS_BANDS)
 #: SSL4EO-S12 / TorchGeo order: B8A after B08.
 SSL4EO_BANDS = [*MS_BANDS[:8], "B8A", *MS_BANDS[8:12]]
 RGB = ["B04", "B03", "B02"]

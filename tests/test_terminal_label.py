@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +52,6 @@ LAUNCH = (
     "sys.argv[0] = 'anneal-geo'\n"
     "main()\n"
 )
-
-
-@pytest.fixture(scope="module")
-def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("label") / "pool"
-    PatchPool.load(SAMPLE / "eurosat_ms").save(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def pool(pool_dir: Path) -> PatchPool:
-    return PatchPool.open(pool_dir)
-
-
-@pytest.fixture(autouse=True)
-def terminal_plugin() -> Iterator[None]:
-    """The `terminal` annotator, whether or not the entry point is installed yet."""
-    if "terminal" in plugins.names("annotators"):
-        yield
-        return
-    plugins.register(TerminalAnnotator, name="terminal", group="annotators")
-    try:
-        yield
-    finally:
-        plugins.unregister("terminal", "annotators")
 
 
 def new_session(directory: Path, pool_dir: Path, rounds: int = 1, initial: int = 10) -> Session:

@@ -12,25 +12,12 @@ import torch
 
 from anneal_geo.backbones.smallcnn import SmallCNNBackbone
 from anneal_geo.backbones.spectral import SpectralBackbone
+from anneal_geo.data.bands import EUROSAT_MS_BANDS
 from anneal_geo.errors import ConfigError, DataError
 from anneal_geo.training import MetricModel, RoundStats, Trainer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_tiles"
-MS_BANDS = [
-    "B01",
-    "B02",
-    "B03",
-    "B04",
-    "B05",
-    "B06",
-    "B07",
-    "B08",
-    "B09",
-    "B10",
-    "B11",
-    "B12",
-    "B8A",
-]
+MS_BANDS = list(EUROSAT_MS_BANDS)
 
 
 def load_ms() -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +25,6 @@ from anneal_geo.session import Session, SessionConfig
 pytest.importorskip("ipywidgets")
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_tiles"
-
-
-@pytest.fixture(scope="module")
-def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("widget") / "pool"
-    PatchPool.load(SAMPLE / "eurosat_ms").save(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def pool(pool_dir: Path) -> PatchPool:
-    return PatchPool.open(pool_dir)
-
-
-@pytest.fixture(autouse=True)
-def widget_plugin() -> Iterator[None]:
-    """The `widget` annotator, whether or not the entry point is installed yet."""
-    if "widget" in plugins.names("annotators"):
-        yield
-        return
-    plugins.register(WidgetAnnotator, name="widget", group="annotators")
-    try:
-        yield
-    finally:
-        plugins.unregister("widget", "annotators")
 
 
 def new_session(directory: Path, pool_dir: Path, rounds: int = 1) -> Session:
