@@ -408,9 +408,9 @@ def ivf_cells(
         probes: nearest cells to return per point.
 
     Returns:
-        (centroids (C, D) float32, probe (M, probes) int64 cell ids nearest first, the first
-        being the point's own cell, -1 padded when there are fewer cells around;
-        probe_dist (M, probes) float32 squared distances, inf where padded).
+        (centroids (C, D) float32; probe (M, P) int64 cell ids nearest first, the first
+        being the point's own cell, P = min(probes, C); probe_dist (M, P) float32 squared
+        distances to those cells).
     """
     # One faiss thread throughout: these are many mid-sized calls, where OpenMP start-up and
     # spinning cost more than a second thread gains, far more while other jobs share the
@@ -467,10 +467,18 @@ def _ivf_cells(
         cols = rank[:, None] * probes + np.arange(width)[None, :]
         cand_cell[rows[:, None], cols] = nearest + lo_cell
         cand_dist[rows[:, None], cols] = dist
-    best = np.argsort(cand_dist, axis=1, kind="stable")[:, :probes]
+    width = min(probes, cells.shape[0])
+    best = np.argsort(cand_dist, axis=1, kind="stable")[:, :width]
     probe = np.take_along_axis(cand_cell, best, axis=1)
     probe_dist = np.take_along_axis(cand_dist, best, axis=1)
-    probe[~np.isfinite(probe_dist)] = -1
+    # A point whose nearby top cells hold fewer than `width` cells (tiny pools, lopsided
+    # top cells) gets its probes from all cells. No probe may stay -1: faiss 1.15's
+    # search_preassigned returns wrong neighbours for a batch of queries when some probe
+    # lists are -1 (measured: 190 of 283 rows wrong; right when queried one at a time).
+    short = ~np.isfinite(probe_dist).all(axis=1)
+    if short.any():
+        dist, nearest = faiss.knn(emb[short], cells, width)
+        probe[short], probe_dist[short] = nearest, dist
     return cells, probe, probe_dist
 
 
