@@ -160,14 +160,42 @@ def test_ivf_respects_ids_and_exclusions(eurosat_embeddings: np.ndarray) -> None
     excluded = {(min(a, b), max(a, b)) for a, b in exclude.tolist()}
     assert not as_set(kept) & excluded
     assert as_set(edges) - excluded <= as_set(kept)
+    stats: dict = {}
     blocks = list(
         candidate_blocks("knn", emb, ids, exclude, 2, k=5, far_fraction=0.5, block_size=50,
-                         knn_method="ivf")
+                         knn_method="ivf", stats=stats)
     )
     assert np.concatenate(blocks).tolist() == kept.tolist()
+    assert stats["knn_method"] == "ivf"
+    assert stats["knn_edges"] + stats["far_pairs"] == kept.shape[0]
 
 
 def test_unknown_knn_method_is_a_config_error(eurosat_embeddings: np.ndarray) -> None:
     assert KNN_METHODS == ("auto", "exact", "ivf")
     with pytest.raises(ConfigError, match=r"'hnsw'.*auto, exact, ivf"):
         knn_candidates(eurosat_embeddings, np.arange(10), k=3, method="hnsw")
+
+
+def test_engine_selects_from_the_ivf_graph() -> None:
+    from anneal_geo.engine import select_pairs
+    from anneal_geo.estimators.mgue import MGUEEstimator
+    from anneal_geo.selectors.kmeans import KMeansSelector
+
+    n = EXACT_KNN_MAX_PATCHES + 5_000
+    x = clustered(n, clusters=8)
+    cluster = np.argmax(x @ x[:200].T, axis=1)  # stand-in labels: nearest of 200 anchors
+    rng = np.random.default_rng(0)
+    labelled = np.sort(rng.choice(n, size=(300, 2)), axis=1)
+    labelled = labelled[labelled[:, 0] != labelled[:, 1]]
+    estimator = MGUEEstimator()
+    estimator.checked_fit(
+        x, labelled, (cluster[labelled[:, 0]] == cluster[labelled[:, 1]]).astype(np.int8)
+    )
+    pairs, stats = select_pairs(
+        x, np.arange(n), labelled, estimator, KMeansSelector(seed=0), 40,
+        np.random.default_rng(1), knn_k=10,
+    )
+    assert stats["candidates"] == "knn" and stats["shortlist"] == 400
+    assert pairs.shape == (40, 2) and (pairs[:, 0] < pairs[:, 1]).all()
+    assert not in_sorted(pair_keys(pairs, n), np.sort(pair_keys(labelled, n))).any()
+    assert np.unique(pair_keys(pairs, n)).size == 40

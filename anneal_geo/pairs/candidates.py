@@ -75,9 +75,9 @@ _KNN_QUERY_CHUNK: Final = 65_536
 KNN_METHODS: Final = ("auto", "exact", "ivf")
 
 #: Largest set of ids whose k-NN graph ``auto`` computes exactly. Exact search costs
-#: N^2 D multiply-adds: measured on the 2-core development machine (D = 128, shared with
-#: other jobs) 20k ids take about 3-5 s and 100k about 100 s, while the IVF search below
-#: takes about 1 s at 20k. Below this size exactness is cheap enough to keep.
+#: N^2 D multiply-adds: measured on the 2-core development machine (D = 128, K = 10, shared
+#: with other jobs) 20k ids take 1 s, 40k 4 s and 100k 26 s, where the IVF search below
+#: takes 0.4 s, 0.7 s and 1.8 s. Below this size exactness is cheap enough to keep.
 EXACT_KNN_MAX_PATCHES: Final = 20_000
 
 #: Points per IVF cell (inverted list) of the approximate k-NN graph. Each point is
@@ -85,10 +85,12 @@ EXACT_KNN_MAX_PATCHES: Final = 20_000
 #: about N x IVF_PROBES x IVF_LIST_SIZE distances: linear in N for a fixed list size.
 IVF_LIST_SIZE: Final = 128
 
-#: Cells searched per point. Measured on synthetic clustered embeddings (100k and 1M points,
-#: D = 128, 8-dimensional clusters plus noise): 3 probes of 256 points find about 70 % of
-#: the exact 10 nearest neighbours, and the neighbours found are on average only a few per
-#: cent farther than the exact ones (benchmarks/scale_selection.py reports both).
+#: Cells searched per point. Measured at 1M synthetic clustered embeddings (D = 128,
+#: 8-dimensional clusters plus noise, K = 10, benchmarks/scale_selection.py): 4 probes of
+#: 128 points keep 90 % of the exact 10-NN pairs, the neighbours found 1.4 % farther on
+#: average than the exact ones, in 19 s; 3 probes of 256 points found fewer (80 % of a
+#: point's 10 nearest against 82 %) in about the same time, 6 probes of 64 more (84 %) in
+#: 10 % more time, mostly spent partitioning.
 IVF_PROBES: Final = 4
 
 #: Directed k-NN edges (ids x k) that :func:`suggested_knn_k` aims at: about the candidate
@@ -429,7 +431,7 @@ def _ivf_cells(
     n_cells = max(1, round(m / list_size))
     # sqrt(reach x cells) top cells balance the two costs per point: n_top distances to the
     # top centroids, and reach x n_cells / n_top distances to the cells of its top cells.
-    n_top = max(1, min(m, round(math.sqrt(_IVF_TOP_NEIGHBOURS * n_cells))))
+    n_top = max(1, min(n_cells, round(math.sqrt(_IVF_TOP_NEIGHBOURS * n_cells))))
     top = _kmeans_centroids(emb, n_top, _IVF_SEED, per_cell=4 * _IVF_TRAIN_PER_CELL)
     n_top = top.shape[0]
     reach = min(_IVF_TOP_NEIGHBOURS, n_top)
@@ -684,6 +686,7 @@ def candidate_blocks(
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
     knn_method: str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> Iterator[np.ndarray]:
     """Candidate pairs of one round, in blocks of at most ``block_size``.
 
@@ -700,6 +703,8 @@ def candidate_blocks(
         block_size: the most pairs per yielded block.
         knn_method: how ``knn`` searches the neighbour graph (:data:`KNN_METHODS`; ``auto``
             is exact up to :data:`EXACT_KNN_MAX_PATCHES` ids, approximate IVF above).
+        stats: for ``knn``, a dict :func:`knn_candidates` fills (method, edge and far-pair
+            counts, seconds of the neighbour search and of the far pairs).
 
     Returns:
         An iterator of (B, 2) int64 arrays with ``i < j``.
@@ -717,7 +722,9 @@ def candidate_blocks(
     if mode == "uniform":
         pairs = uniform_candidates(ids, UNIFORM_SAMPLE, exclude, rng)
         return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
-    pairs = knn_candidates(embeddings, ids, k, far_fraction, exclude, rng, method=knn_method)
+    pairs = knn_candidates(
+        embeddings, ids, k, far_fraction, exclude, rng, method=knn_method, stats=stats
+    )
     return (pairs[lo : lo + size] for lo in range(0, pairs.shape[0], size))
 
 
