@@ -78,7 +78,7 @@ def select_pairs(
     rng: np.random.Generator,
     *,
     candidates: str = "auto",
-    knn_k: int = 50,
+    knn_k: int = 0,
     far_fraction: float = 0.1,
     shortlist_factor: int = 10,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -96,7 +96,7 @@ def select_pairs(
     Returns:
         ((b, 2) int64 pairs, stats) where stats records the candidate mode and counts.
     """
-    from anneal_geo.pairs.candidates import candidate_blocks, default_mode
+    from anneal_geo.pairs.candidates import candidate_blocks, default_mode, suggested_knn_k
     from anneal_geo.selectors.descriptors import pair_descriptors
 
     if candidates == "auto":
@@ -112,6 +112,8 @@ def select_pairs(
     best_u = np.zeros(0, dtype=np.float64)
     n_candidates = 0
     t0 = time.perf_counter()
+    if knn_k <= 0:
+        knn_k = suggested_knn_k(len(archive_ids))
     for block in candidate_blocks(
         mode, embeddings, archive_ids, exclude, rng, k=knn_k, far_fraction=far_fraction
     ):
@@ -136,6 +138,7 @@ def select_pairs(
     stats = {
         "candidates": mode,
         "n_candidates": n_candidates,
+        "knn_k": knn_k if mode == "knn" else None,
         "shortlist": int(best_pairs.shape[0]),
         "seconds_scoring": round(t_score, 4),
         "seconds_diversity": round(t_select, 4),

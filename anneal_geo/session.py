@@ -44,7 +44,8 @@ class SessionConfig:
         initial_nn_fraction: share of the initial set drawn among nearest-neighbour pairs.
         seed: seed of every random source.
         candidates: ``auto``, ``exhaustive`` or ``knn``.
-        knn_k: neighbours per patch for ``knn`` candidates.
+        knn_k: neighbours per patch for ``knn`` candidates; 0 = by pool size (50 up to
+            200,000 patches, then fewer, down to 10 at 1M; see ``suggested_knn_k``).
         far_fraction: random far pairs added to ``knn`` candidates, as a share of the edges.
         shortlist_factor: the short-list holds ``shortlist_factor * budget`` pairs.
         train_mode: ``head`` (trunk features cached, head trained) or ``full``.
@@ -68,7 +69,7 @@ class SessionConfig:
     initial_nn_fraction: float = 0.5
     seed: int = 0
     candidates: str = "auto"
-    knn_k: int = 50
+    knn_k: int = 0
     far_fraction: float = 0.1
     shortlist_factor: int = 10
     train_mode: str = "head"
@@ -89,7 +90,6 @@ class SessionConfig:
         positive = {
             "budget": self.budget,
             "shortlist_factor": self.shortlist_factor,
-            "knn_k": self.knn_k,
             "embedding_dim": self.embedding_dim,
             "eval_k": self.eval_k,
             "epochs": self.epochs,
@@ -97,6 +97,8 @@ class SessionConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"setting '{name}' must be at least 1, got {value}")
+        if self.knn_k < 0:
+            raise ConfigError(f"setting 'knn_k' must be 0 (by pool size) or more, got {self.knn_k}")
         if self.rounds < 0:
             raise ConfigError(f"setting 'rounds' must be 0 or more, got {self.rounds}")
         if self.initial < 2:

@@ -246,3 +246,22 @@ def test_initial_pairs_mix_neighbours_and_random(ms_pool):
     assert np.unique(keys).size == 60
     with pytest.raises(ConfigError, match="initial"):
         initial_pairs(emb, ids[:5], 11, 0.5, rng)
+
+
+def test_knn_k_follows_pool_size_unless_set():
+    from anneal_geo.engine import select_pairs
+    from anneal_geo.estimators.mgue import MGUEEstimator
+    from anneal_geo.selectors.topk import TopKSelector
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(2000, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64)
+    none = np.zeros((0, 2), dtype=np.int64)
+    args = (emb, ids, none, MGUEEstimator(), TopKSelector(), 10)
+    _, auto = select_pairs(*args, np.random.default_rng(1))
+    _, fixed = select_pairs(*args, np.random.default_rng(1), knn_k=5)
+    assert auto["candidates"] == "knn" and auto["knn_k"] == 50
+    assert fixed["knn_k"] == 5 and fixed["n_candidates"] < auto["n_candidates"]
+    with pytest.raises(ConfigError, match="knn_k"):
+        SessionConfig(knn_k=-1).validate()
