@@ -45,8 +45,8 @@ __all__ = ["DEFAULT_CHUNK", "EmbedRecipe", "chunk_ranges", "embed_chunk", "embed
 #: small enough that a worker's chunk of raw patches stays ~200 MB for 13 x 64 x 64 float32.
 DEFAULT_CHUNK = 4096
 
-#: Tasks kept in flight per worker: enough to hide the round trip, few enough that finished
-#: blocks never pile up in worker memory while the client writes earlier ones.
+#: Tasks kept in flight per worker thread: enough to hide the round trip, few enough that
+#: finished blocks never pile up in worker memory while the client writes earlier ones.
 _IN_FLIGHT_PER_WORKER = 2
 
 
@@ -374,8 +374,9 @@ def _run_on_cluster(
 
     client, started = _connect(scheduler, n_workers, processes)
     try:
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
-        window = max(2, _IN_FLIGHT_PER_WORKER * workers)
+        threads = client.nthreads()  # {worker address: threads}
+        workers = len(threads)
+        window = max(2, _IN_FLIGHT_PER_WORKER * sum(threads.values()))
         span: dict[str, tuple[int, int]] = {}
 
         def submit(lo: int, hi: int) -> Any:
