@@ -81,8 +81,13 @@ def run_class_labels(
     order = np.random.default_rng([seed, 7]).permutation(archive)
     backbone = plugins.create("backbones", args.backbone, seed=seed)
     trunk = backbone.checked_build(pool.bands, pool.band_mean.tolist(), pool.band_std.tolist())
-    trainer = Trainer(MetricModel(trunk, out_dim=128, seed=seed), mode="head", seed=seed,
-                      epochs=args.epochs, progress=False)
+    trainer = Trainer(
+        MetricModel(trunk, out_dim=128, seed=seed),
+        mode="head",
+        seed=seed,
+        epochs=args.epochs,
+        progress=False,
+    )
     trainer.cache_features(pool.float_patches, len(pool))
     records = []
     torch.set_num_threads(1)
@@ -94,8 +99,14 @@ def run_class_labels(
         t = time.perf_counter()
         trainer.train_round(pairs, y)
         metrics = evaluate(trainer.embed(), labels, archive, query)
-        records.append({"queried_pairs": bits, "labelled_images": len(chosen),
-                        "seconds": time.perf_counter() - t, **metrics})
+        records.append(
+            {
+                "queried_pairs": bits,
+                "labelled_images": len(chosen),
+                "seconds": time.perf_counter() - t,
+                **metrics,
+            }
+        )
     return records
 
 
@@ -149,6 +160,58 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def open_pool(data: str, name: str) -> tuple[PatchPool, Path]:
+    """The benchmark's pool, built once into ``results/tmp`` and reopened after that."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    pool_dir = RESULTS / "tmp" / f"pool_{name}"
+    if not (pool_dir / "pool.json").exists():
+        PatchPool.load(Path(data)).save(pool_dir)
+    return PatchPool.open(pool_dir), pool_dir
+
+
+def run_methods(
+    pool: PatchPool,
+    pool_dir: Path,
+    methods: dict[str, dict[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, list[list[dict[str, Any]]]]:
+    """Every method for seeds 0..args.seeds-1, printing one line per run."""
+    records: dict[str, list[list[dict[str, Any]]]] = {}
+    width = max(len(n) for n in methods)
+    for method_name, method in methods.items():
+        records[method_name] = []
+        for seed in range(args.seeds):
+            t = time.perf_counter()
+            run = run_method(pool, pool_dir, method, seed, args)
+            records[method_name].append(run)
+            print(
+                f"{method_name:{width}s} seed {seed}: mAP@20 "
+                + " ".join(f"{r['map@20']:.3f}" for r in run)
+                + f"  ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
+    return records
+
+
+def print_summary(
+    summary: dict[str, Any], reach: dict[str, Any], title: str, per_round: bool = False
+) -> None:
+    """The mAP@20 table (mean ± std per number of queried pairs) and the pairs-to-reach line."""
+    width = max(16, *(len(n) + 2 for n in summary))
+    print(f"\n{title}")
+    first = next(iter(summary.values()))
+    print("queried pairs".ljust(width) + "".join(f"{q:>14}" for q in first["queried_pairs"]))
+    for method_name, s in summary.items():
+        cells = "".join(f"{m:>8.3f}±{sd:.3f}" for m, sd in zip(s["mean"], s["std"], strict=True))
+        extra = f"   {s['seconds_per_round']:.2f} s/round" if per_round else ""
+        print(method_name.ljust(width) + cells + extra)
+    if reach:
+        print(
+            f"\npairs needed to reach random pairs' final mAP@20 ({reach['target_map@20']:.3f}"
+            f" at {reach['reference_pairs']} pairs): {reach['pairs_needed']}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="sample_tiles/eurosat_ms")
@@ -161,32 +224,19 @@ def main() -> None:
     parser.add_argument("--backbone", default="spectral")
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--no-class-labels", dest="class_labels", action="store_false",
-                        help="skip the class-labels-at-equal-bits baseline")
+    parser.add_argument(
+        "--no-class-labels",
+        dest="class_labels",
+        action="store_false",
+        help="skip the class-labels-at-equal-bits baseline",
+    )
     args = parser.parse_args()
 
     name = args.name or Path(args.data).name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    pool_dir = RESULTS / "tmp" / f"pool_{name}"
-    if not (pool_dir / "pool.json").exists():
-        PatchPool.load(Path(args.data)).save(pool_dir)
-    pool = PatchPool.open(pool_dir)
-
-    records: dict[str, list[list[dict[str, Any]]]] = {}
+    pool, pool_dir = open_pool(args.data, name)
     t0 = time.perf_counter()
-    for method_name in args.methods.split(","):
-        method = METHODS[method_name]
-        records[method_name] = []
-        for seed in range(args.seeds):
-            t = time.perf_counter()
-            run = run_method(pool, pool_dir, method, seed, args)
-            records[method_name].append(run)
-            print(
-                f"{method_name:14s} seed {seed}: mAP@20 "
-                + " ".join(f"{r['map@20']:.3f}" for r in run)
-                + f"  ({time.perf_counter() - t:.0f} s)",
-                flush=True,
-            )
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
+    records = run_methods(pool, pool_dir, methods, args)
     if args.class_labels:
         budgets = [r["queried_pairs"] for r in next(iter(records.values()))[0]]
         records[CLASS_LABELS] = [
@@ -195,20 +245,12 @@ def main() -> None:
     summary = summarise(records, "map@20")
     reach = pairs_to_reach(summary) if "random pairs" in summary else {}
 
-    print(
-        f"\nmAP@20, mean ± std over {args.seeds} seeds, {name} ({len(pool)} patches, "
-        f"backbone {args.backbone}, {args.train_mode})"
+    print_summary(
+        summary,
+        reach,
+        f"mAP@20, mean ± std over {args.seeds} seeds, {name} ({len(pool)} patches, "
+        f"backbone {args.backbone}, {args.train_mode})",
     )
-    first = next(iter(summary.values()))
-    print("queried pairs".ljust(16) + "".join(f"{q:>14}" for q in first["queried_pairs"]))
-    for method_name, s in summary.items():
-        cells = "".join(f"{m:>8.3f}±{sd:.3f}" for m, sd in zip(s["mean"], s["std"], strict=True))
-        print(method_name.ljust(16) + cells)
-    if reach:
-        print(
-            f"\npairs needed to reach random pairs' final mAP@20 ({reach['target_map@20']:.3f}"
-            f" at {reach['reference_pairs']} pairs): {reach['pairs_needed']}"
-        )
     out = {
         "data": args.data,
         "patches": len(pool),

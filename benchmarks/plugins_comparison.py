@@ -18,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from anneal_geo import plugins
-from anneal_geo.data.pool import PatchPool
 from anneal_geo.errors import PluginError
 
 
@@ -86,43 +84,19 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     check_installed(methods)
     name = args.name or Path(args.data).name
-    bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    pool_dir = bench.RESULTS / "tmp" / f"pool_{name}"
-    if not (pool_dir / "pool.json").exists():
-        PatchPool.load(Path(args.data)).save(pool_dir)
-    pool = PatchPool.open(pool_dir)
-
-    records: dict[str, list[list[dict[str, Any]]]] = {}
+    pool, pool_dir = bench.open_pool(args.data, name)
     t0 = time.perf_counter()
-    for method_name in methods:
-        records[method_name] = []
-        for seed in range(args.seeds):
-            t = time.perf_counter()
-            run = bench.run_method(pool, pool_dir, METHODS[method_name], seed, args)
-            records[method_name].append(run)
-            print(
-                f"{method_name:18s} seed {seed}: mAP@20 "
-                + " ".join(f"{r['map@20']:.3f}" for r in run)
-                + f"  ({time.perf_counter() - t:.0f} s)",
-                flush=True,
-            )
+    records = bench.run_methods(pool, pool_dir, {m: METHODS[m] for m in methods}, args)
     summary = bench.summarise(records, "map@20")
     reach = bench.pairs_to_reach(summary) if "random pairs" in summary else {}
 
-    print(
-        f"\nmAP@20, mean ± std over {args.seeds} seeds, {name} ({len(pool)} patches, "
-        f"backbone {args.backbone}, {args.train_mode}, b0={args.initial}, b={args.budget})"
+    bench.print_summary(
+        summary,
+        reach,
+        f"mAP@20, mean ± std over {args.seeds} seeds, {name} ({len(pool)} patches, "
+        f"backbone {args.backbone}, {args.train_mode}, b0={args.initial}, b={args.budget})",
+        per_round=True,
     )
-    first = next(iter(summary.values()))
-    print("queried pairs".ljust(20) + "".join(f"{q:>14}" for q in first["queried_pairs"]))
-    for method_name, s in summary.items():
-        cells = "".join(f"{m:>8.3f}±{sd:.3f}" for m, sd in zip(s["mean"], s["std"], strict=True))
-        print(method_name.ljust(20) + cells + f"   {s['seconds_per_round']:.2f} s/round")
-    if reach:
-        print(
-            f"\npairs needed to reach random pairs' final mAP@20 ({reach['target_map@20']:.3f}"
-            f" at {reach['reference_pairs']} pairs): {reach['pairs_needed']}"
-        )
     out = {
         "data": args.data,
         "patches": len(pool),
