@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anneal_geo.data.pool import PatchPool
@@ -22,3 +23,20 @@ def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pool(pool_dir: Path) -> PatchPool:
     return PatchPool.open(pool_dir)
+
+
+@pytest.fixture(scope="session")
+def eurosat_embeddings() -> np.ndarray:
+    """Real features: per-band mean and std of each EuroSAT-MS patch, standardised, L2-normed."""
+    import rasterio
+
+    feats = []
+    for path in sorted((SAMPLE / "eurosat_ms").glob("*/*.tif")):
+        with rasterio.open(path) as src:
+            x = src.read().astype(np.float64).reshape(src.count, -1)
+        feats.append(np.concatenate((x.mean(axis=1), x.std(axis=1))))
+    f = np.array(feats)
+    f = (f - f.mean(axis=0)) / f.std(axis=0)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    assert f.shape[0] > 200
+    return f.astype(np.float32)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,25 +23,6 @@ from anneal_geo.pairs.candidates import (
     sorted_keys,
     triu_pairs,
 )
-
-EUROSAT_MS = Path(__file__).resolve().parents[1] / "sample_tiles" / "eurosat_ms"
-
-
-@pytest.fixture(scope="module")
-def eurosat_embeddings() -> np.ndarray:
-    """Real features: per-band mean and std of each EuroSAT-MS patch, standardised, L2-normed."""
-    import rasterio
-
-    feats = []
-    for path in sorted(EUROSAT_MS.glob("*/*.tif")):
-        with rasterio.open(path) as src:
-            x = src.read().astype(np.float64).reshape(src.count, -1)
-        feats.append(np.concatenate((x.mean(axis=1), x.std(axis=1))))
-    f = np.array(feats)
-    f = (f - f.mean(axis=0)) / f.std(axis=0)
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
-    assert f.shape[0] > 200
-    return f.astype(np.float32)
 
 
 def as_set(pairs: np.ndarray) -> set[tuple[int, int]]:

@@ -3,8 +3,6 @@ exact one, and the fast key helpers, checked against exact search and numpy."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import faiss
 import numpy as np
 import pytest
@@ -21,24 +19,6 @@ from anneal_geo.pairs.candidates import (
     suggested_knn_k,
     unique_sorted,
 )
-
-EUROSAT_MS = Path(__file__).resolve().parents[1] / "sample_tiles" / "eurosat_ms"
-
-
-@pytest.fixture(scope="module")
-def eurosat_embeddings() -> np.ndarray:
-    """Real features: per-band mean and std of each EuroSAT-MS patch, standardised, L2-normed."""
-    import rasterio
-
-    feats = []
-    for path in sorted(EUROSAT_MS.glob("*/*.tif")):
-        with rasterio.open(path) as src:
-            x = src.read().astype(np.float64).reshape(src.count, -1)
-        feats.append(np.concatenate((x.mean(axis=1), x.std(axis=1))))
-    f = np.array(feats)
-    f = (f - f.mean(axis=0)) / f.std(axis=0)
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
-    return f.astype(np.float32)
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
