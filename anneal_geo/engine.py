@@ -501,8 +501,8 @@ class Engine:
         self._save_checkpoint(round_index)
 
         counts = self.store.count_by_answer()
-        answered = self.store.answers()[1]
-        round_answers = self._round_answers(round_index)
+        _, answered, answer_rounds = self.store.answers()
+        round_answers = answered[answer_rounds == round_index]
         record: dict[str, Any] = {
             "round": round_index,
             "queried_pairs": int(counts["similar"] + counts["dissimilar"]),
@@ -555,10 +555,6 @@ class Engine:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(self.trainer.state_dict(), tmp)
         tmp.replace(path)
-
-    def _round_answers(self, round_index: int) -> np.ndarray:
-        _, labels, rounds = self.store.answers()
-        return labels[rounds == round_index]
 
     def evaluate(self) -> dict[str, float]:
         """Retrieval metrics of the current embeddings on the held-out queries ({} if none)."""
