@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +44,24 @@ def eurosat_embeddings() -> np.ndarray:
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     assert f.shape[0] > 200
     return f.astype(np.float32)
+
+
+def pip_install_target(source: Path, target: Path) -> None:
+    """``pip install --no-deps --target`` with this interpreter's pip (offline when the
+    build backend is already installed)."""
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input"]
+    if importlib.util.find_spec("hatchling") is not None:
+        command.append("--no-build-isolation")
+    result = subprocess.run(
+        [*command, "--target", str(target), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"pip could not install {source}:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def pip_install() -> Callable[[Path, Path], None]:
+    """Install a distribution folder into a target folder with this interpreter's pip."""
+    return pip_install_target

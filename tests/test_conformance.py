@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -454,25 +453,10 @@ BROKEN = Path(__file__).resolve().parent / "fixtures" / "broken_plugin"
 CLI = Path(sys.executable).with_name("anneal-geo")
 
 
-def pip_install_target(source: Path, target: Path) -> None:
-    """``pip install --no-deps --target`` with this interpreter's pip (offline when the
-    build backend is already installed)."""
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input"]
-    if importlib.util.find_spec("hatchling") is not None:
-        command.append("--no-build-isolation")
-    result = subprocess.run(
-        [*command, "--target", str(target), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"pip could not install {source}:\n{result.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
-def broken_target(tmp_path_factory):
+def broken_target(tmp_path_factory, pip_install):
     target = tmp_path_factory.mktemp("site") / "broken"
-    pip_install_target(BROKEN, target)
+    pip_install(BROKEN, target)
     assert (target / "anneal_geo_broken_fixture-0.0.1.dist-info" / "entry_points.txt").is_file()
     return target
 

@@ -6,7 +6,6 @@ The plugin's files are the fenced blocks of the guide whose info string carries 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -47,23 +46,8 @@ def plugin_files() -> dict[str, str]:
     return files
 
 
-def pip_install_target(source: Path, target: Path) -> None:
-    """``pip install --no-deps --target`` with this interpreter's pip (offline when the
-    build backend is already installed)."""
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input"]
-    if importlib.util.find_spec("hatchling") is not None:
-        command.append("--no-build-isolation")
-    result = subprocess.run(
-        [*command, "--target", str(target), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"pip could not install {source}:\n{result.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
-def guide_plugin(tmp_path_factory):
+def guide_plugin(tmp_path_factory, pip_install):
     """The guide's plugin, written out and pip-installed into a temporary --target folder."""
     root = tmp_path_factory.mktemp("guide")
     source = root / "anneal-geo-cosine"
@@ -71,7 +55,7 @@ def guide_plugin(tmp_path_factory):
         (source / title).parent.mkdir(parents=True, exist_ok=True)
         (source / title).write_text(body, encoding="utf-8")
     target = root / "site"
-    pip_install_target(source, target)
+    pip_install(source, target)
     return source, target
 
 
