@@ -1,7 +1,8 @@
-"""The torch modules behind the backbones and the trainer.
+"""The torch modules behind the backbones: the trunks and their standardisation.
 
-Private and imported lazily (by ``build()`` and by :mod:`anneal_geo.training`), so that
-``import anneal_geo`` and the plugin listing never import torch.
+Private and imported lazily (by the backbones' ``build()``), so that ``import anneal_geo`` and
+the plugin listing never import torch. The metric model and its projection head live in
+:mod:`anneal_geo.training.heads`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "INDICES",
-    "MetricModel",
     "ResNetTrunk",
     "SmallCNN",
     "SpectralTrunk",
@@ -242,40 +241,3 @@ class ResNetTrunk(nn.Module):
         if self.reorder:
             x = x.index_select(1, self.channels)
         return self.resnet(self.standardize(x)).flatten(1)
-
-
-# ----------------------------------------------------------------------------- metric model
-
-
-class MetricModel(nn.Module):
-    """A trunk, a projection head and L2 normalisation: patches -> unit embeddings.
-
-    Args:
-        trunk: a module with an integer ``out_dim`` mapping (B, C, H, W) to (B, out_dim).
-        out_dim: embedding dimension D.
-        hidden: width of the head's hidden layer.
-        seed: seed of the head's initialisation.
-    """
-
-    def __init__(
-        self, trunk: nn.Module, out_dim: int = 128, hidden: int = 256, seed: int = 0
-    ) -> None:
-        super().__init__()
-        in_dim = getattr(trunk, "out_dim", None)
-        if not isinstance(in_dim, int) or in_dim <= 0:
-            raise ValueError(f"the trunk needs a positive integer out_dim, got {in_dim!r}")
-        self.trunk = trunk
-        #: The trunk's feature dimension (the head's input).
-        self.trunk_dim = int(in_dim)
-        self.out_dim = int(out_dim)
-        with seeded(seed):
-            self.head = nn.Sequential(
-                nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
-            )
-
-    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Head and L2 normalisation only, on trunk features (B, trunk.out_dim)."""
-        return F.normalize(self.head(features), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed_features(self.trunk(x))

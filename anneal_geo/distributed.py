@@ -147,7 +147,7 @@ def _network(recipe: EmbedRecipe) -> tuple[torch.nn.Module, list[int] | None]:
             pool.band_std[index].tolist(),
         )
         if recipe.checkpoint is not None:
-            from anneal_geo._nets import MetricModel
+            from anneal_geo.training.heads import MetricModel
 
             state = _model_state(recipe.checkpoint)
             hidden, out_dim = state["head.0.weight"].shape[0], state["head.2.weight"].shape[0]

@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from anneal_geo import _toml
+import tomli_w
+
 from anneal_geo.errors import ConfigError, SessionError
 
 __all__ = ["SESSION_FORMAT_VERSION", "Session", "SessionConfig"]
@@ -136,6 +138,16 @@ class SessionConfig:
                 "anneal-geo version"
             )
         return cls(**data).validate()
+
+
+def _without_none(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The table without its None values, at every depth of nested tables (TOML has no null:
+    an unset setting is left out and reads back as its default)."""
+    return {
+        key: _without_none(value) if isinstance(value, Mapping) else value
+        for key, value in table.items()
+        if value is not None
+    }
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -255,7 +267,7 @@ class Session:
             "meta": self.meta,
             **options,
         }
-        _atomic_write(self.toml_path, _toml.dumps(document))
+        _atomic_write(self.toml_path, tomli_w.dumps(_without_none(document)))
 
     # -- history -----------------------------------------------------------------------
     def append_history(self, record: dict[str, Any]) -> None:

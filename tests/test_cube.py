@@ -11,6 +11,7 @@ import rasterio
 import shapely
 import xarray as xr
 
+from anneal_geo.data import pool_from_xarray, pool_to_xarray
 from anneal_geo.data.pool import PatchPool
 from anneal_geo.data.tiles import IngestReport
 from anneal_geo.errors import DataError
@@ -54,7 +55,7 @@ def native_coords(pool: PatchPool) -> np.ndarray:
 
 def test_a_cube_is_cut_like_the_tiles_it_came_from(cube, tile_pool) -> None:
     reports: list[IngestReport] = []
-    pool = PatchPool.from_xarray(cube, 64, on_report=reports.append)
+    pool = pool_from_xarray(cube, 64, on_report=reports.append)
     assert pool.bands == BANDS and pool.patches.dtype == np.uint16
     np.testing.assert_array_equal(pool.patches, tile_pool.patches)
     assert pool.source_crs == ["EPSG:32648"] * 256 and set(pool.sources) == {"majortom"}
@@ -68,7 +69,7 @@ def test_a_time_series_cube_gives_patches_per_time_step(cube) -> None:
     times = np.array(["2020-02-23", "2020-03-04"], dtype="datetime64[ns]")
     series = xr.concat([cube, cube // 2], dim=xr.DataArray(times, dims="time", name="time"))
     assert series.dims == ("time", "band", "y", "x")
-    pool = PatchPool.from_xarray(series, 128, stride=256)
+    pool = pool_from_xarray(series, 128, stride=256)
     per_step = 4 * 4  # (1068 - 128) // 256 + 1 = 4 rows and columns
     assert len(pool) == 2 * per_step
     np.testing.assert_array_equal(pool.patches[per_step:], pool.patches[:per_step] // 2)
@@ -80,15 +81,15 @@ def test_a_time_series_cube_gives_patches_per_time_step(cube) -> None:
 
 
 def test_crs_attribute_geotransform_and_south_up_cubes(cube) -> None:
-    north_up = PatchPool.from_xarray(cube, 256)
+    north_up = pool_from_xarray(cube, 256)
     gt = cube.x.values[0] - 5, 10.0, 0.0, cube.y.values[0] + 5, 0.0, -10.0
     plain = cube.drop_vars(["spatial_ref", "x", "y"]).assign_coords(
         spatial_ref=((), 0, {"GeoTransform": " ".join(map(str, gt))})
     )
     plain.attrs["crs"] = "EPSG:32648"
-    np.testing.assert_array_equal(PatchPool.from_xarray(plain, 256).patches, north_up.patches)
+    np.testing.assert_array_equal(pool_from_xarray(plain, 256).patches, north_up.patches)
     south_up = cube.isel(y=slice(None, None, -1))  # y increasing: stored bottom row first
-    flipped = PatchPool.from_xarray(south_up, 256)
+    flipped = pool_from_xarray(south_up, 256)
     np.testing.assert_array_equal(flipped.patches, north_up.patches)
     np.testing.assert_allclose(native_coords(flipped), native_coords(north_up), atol=1e-6)
 
@@ -97,7 +98,7 @@ def test_nodata_pixels_skip_patches(cube) -> None:
     values = cube.astype(np.float32)
     values[:, :300, :300] = np.nan
     reports: list[IngestReport] = []
-    pool = PatchPool.from_xarray(values, 64, on_report=reports.append)
+    pool = pool_from_xarray(values, 64, on_report=reports.append)
     grid = np.zeros((1068, 1068), dtype=bool)
     grid[:300, :300] = True
     shares = np.array(
@@ -112,7 +113,7 @@ def test_nodata_pixels_skip_patches(cube) -> None:
 
 
 def test_pool_to_xarray_carries_band_names_and_footprint_coordinates(cube, tile_pool) -> None:
-    da = tile_pool.to_xarray()
+    da = pool_to_xarray(tile_pool)
     assert da.dims == ("patch", "band", "y", "x") and da.shape == (256, 4, 64, 64)
     assert da["band"].values.tolist() == BANDS
     assert da["patch"].values.tolist() == list(range(256))
@@ -129,7 +130,7 @@ def test_pool_to_xarray_carries_band_names_and_footprint_coordinates(cube, tile_
 
 
 def test_pool_round_trips_through_xarray(tile_pool) -> None:
-    back = PatchPool.from_xarray(tile_pool.to_xarray())
+    back = pool_from_xarray(pool_to_xarray(tile_pool))
     np.testing.assert_array_equal(back.patches, tile_pool.patches)
     assert back.bands == tile_pool.bands and back.sources == tile_pool.sources
     assert back.fingerprint == tile_pool.fingerprint and back.resolution == 10.0
@@ -144,9 +145,9 @@ def test_a_labelled_pool_round_trips_with_its_labels(tmp_path) -> None:
         (tmp_path / f.parent.name).mkdir(exist_ok=True)
         shutil.copy(f, tmp_path / f.parent.name / f.name)
     pool = PatchPool.from_folder(tmp_path)
-    da = pool.to_xarray()
+    da = pool_to_xarray(pool)
     assert da["label"].values.tolist() == [pool.label_text(i) for i in range(len(pool))]
-    back = PatchPool.from_xarray(da)
+    back = pool_from_xarray(da)
     np.testing.assert_array_equal(back.labels, pool.labels)
     assert back.class_names == pool.class_names and back.fingerprint == pool.fingerprint
     assert back.footprints["label"].tolist() == pool.footprints["label"].tolist()
@@ -164,5 +165,5 @@ def test_bad_cubes_are_clear_errors(cube) -> None:
     ]
     for data, message in cases:
         with pytest.raises(DataError) as exc:
-            PatchPool.from_xarray(data, 64)
+            pool_from_xarray(data, 64)
         assert message in str(exc.value) and "\n" not in str(exc.value)

@@ -133,7 +133,7 @@ def test_bad_input_fails_before_any_worker(pool_dir: Path, tmp_path: Path) -> No
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, anneal_geo.distributed, anneal_geo.cli_scale; "
+        "import sys, anneal_geo.distributed, anneal_geo.cli.embed; "
         "print(sorted(m for m in ('torch', 'faiss', 'dask', 'distributed') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

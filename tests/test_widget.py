@@ -214,7 +214,7 @@ def test_widget_annotator_is_a_valid_plugin_that_points_at_the_widget(pool):
 def test_importing_the_labelling_modules_is_light():
     code = (
         "import sys, anneal_geo.annotators.widget, anneal_geo.annotators.terminal, "
-        "anneal_geo.annotators.render, anneal_geo.cli_label\n"
+        "anneal_geo.annotators.render, anneal_geo.cli.label\n"
         "heavy = {'ipywidgets', 'torch', 'faiss', 'rasterio', 'geopandas', 'torchgeo'}\n"
         "print(sorted(heavy & set(sys.modules)))"
     )

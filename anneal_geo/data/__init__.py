@@ -12,6 +12,7 @@ from anneal_geo.data.bands import (
     S2_L2A_BANDS,
     band_indices,
 )
+from anneal_geo.data.cube import pool_from_xarray, pool_to_xarray
 from anneal_geo.data.pool import PatchPool, band_statistics, build_pool_cli_summary
 
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "band_indices",
     "band_statistics",
     "build_pool_cli_summary",
+    "pool_from_xarray",
+    "pool_to_xarray",
 ]

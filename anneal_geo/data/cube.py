@@ -8,27 +8,36 @@ rioxarray/CF ``spatial_ref`` coordinate (attribute ``crs_wkt`` or ``spatial_ref`
 the array's ``crs`` attribute; its grid from ``spatial_ref``'s ``GeoTransform`` or from
 regularly spaced ``x``/``y`` pixel-centre coordinates.
 
-:func:`pool_to_xarray` and :func:`pool_arrays_from_xarray` round-trip a pool exactly:
-patches, band names, labels, sources, pixel windows and footprints.
+:func:`pool_to_xarray` and :func:`pool_from_xarray` (:func:`pool_arrays_from_xarray` gives
+the constructor arguments) round-trip a pool exactly: patches, band names, labels, sources,
+pixel windows and footprints.
+
+This module depends on :mod:`anneal_geo.data.pool` (it builds pools through the public
+:class:`~anneal_geo.data.pool.PatchPool` constructor), not the other way round: the pool module
+never imports this one. Both functions are also exported from :mod:`anneal_geo.data`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from anneal_geo.data.bands import infer_band_names
+from anneal_geo.data.pool import PatchPool
 from anneal_geo.data.sources import GeoRef
 from anneal_geo.data.tiles import DEFAULT_MAX_NODATA, DEFAULT_PATCH_SIZE, IngestReport, patch_grid
 from anneal_geo.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
-    from anneal_geo.data.pool import PatchPool
-
-__all__ = ["cube_crs", "cube_transform", "pool_arrays_from_xarray", "pool_to_xarray"]
+__all__ = [
+    "cube_crs",
+    "cube_transform",
+    "pool_arrays_from_xarray",
+    "pool_from_xarray",
+    "pool_to_xarray",
+]
 
 _CRS_ATTRS = ("crs_wkt", "spatial_ref", "crs")
 
@@ -360,6 +369,13 @@ def pool_arrays_from_xarray(
         "footprints": _footprint_builder(georefs, sources, window_arr),
         "resolution": float(a),
     }
+
+
+def pool_from_xarray(data: Any, patch_size: int | None = None, **options: Any) -> PatchPool:
+    """A :class:`~anneal_geo.data.pool.PatchPool` from an xarray ``DataArray``: a (band, y, x)
+    or (time, band, y, x) cube cut into patches, or the (patch, band, y, x) array of
+    :func:`pool_to_xarray`; the options are those of :func:`pool_arrays_from_xarray`."""
+    return PatchPool(**pool_arrays_from_xarray(data, patch_size, **options))
 
 
 def pool_to_xarray(pool: PatchPool) -> Any:

@@ -11,6 +11,10 @@ Pool directory (format ``anneal-geo-pool``, version 1):
 - ``patches.npy``: the (N, C, H, W) array in its native dtype (``.npy``, memory-mappable);
 - ``labels.npy``: (N, L) bool multi-hot, when labelled;
 - ``footprints.gpkg``: one row per patch id, when the sources are georeferenced.
+
+Readers and converters depend on this module, never the other way round: the xarray
+conversion lives in :mod:`anneal_geo.data.cube` (``pool_from_xarray``, ``pool_to_xarray``,
+also exported from :mod:`anneal_geo.data`), which imports :class:`PatchPool`.
 """
 
 from __future__ import annotations
@@ -339,24 +343,6 @@ class PatchPool:
             footprints=read.footprints,
             resolution=read.resolution,
         )
-
-    @classmethod
-    def from_xarray(cls, data: Any, patch_size: int | None = None, **options: Any) -> PatchPool:
-        """A pool from an xarray ``DataArray``: a (band, y, x) or (time, band, y, x) cube cut
-        into patches, or the (patch, band, y, x) array of :meth:`to_xarray`.
-
-        See :func:`anneal_geo.data.cube.pool_arrays_from_xarray` for the options.
-        """
-        from anneal_geo.data.cube import pool_arrays_from_xarray
-
-        return cls(**pool_arrays_from_xarray(data, patch_size, **options))
-
-    def to_xarray(self) -> Any:
-        """The patches as an ``xarray.DataArray`` (patch, band, y, x) with band names and
-        footprint coordinates (see :func:`anneal_geo.data.cube.pool_to_xarray`)."""
-        from anneal_geo.data.cube import pool_to_xarray
-
-        return pool_to_xarray(self)
 
     @classmethod
     def load(cls, source: str | Path, bands: Sequence[str] | None = None) -> PatchPool:

@@ -73,9 +73,13 @@ def covering_radius(points: np.ndarray, picked: np.ndarray) -> float:
     """The largest distance from any point to its nearest picked point."""
     x = np.asarray(points, dtype=np.float64)
     centres = x[np.asarray(picked)]
-    # (M, k) squared distances by the expansion |a|^2 + |b|^2 - 2ab, clipped at 0.
-    d2 = (x**2).sum(1)[:, None] + (centres**2).sum(1)[None, :] - 2.0 * x @ centres.T
-    return float(np.sqrt(np.maximum(d2.min(axis=1), 0.0)).max())
+    # Differences, not the expansion |a|^2 + |b|^2 - 2ab: that cancels badly, so a point
+    # that is a picked point would get a distance of ~1e-8 instead of 0. One picked point
+    # at a time keeps memory at (M, D).
+    nearest = np.full(len(x), np.inf)
+    for centre in centres:
+        np.minimum(nearest, np.linalg.norm(x - centre, axis=1), out=nearest)
+    return float(nearest.max())
 
 
 class CoresetSelector(Selector):

@@ -1,6 +1,6 @@
 """`anneal-geo label SESSION`: answer a session's pairs by hand in the terminal.
 
-Registered on import by cli.py. Heavy imports stay inside the command.
+Heavy imports stay inside the command.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import typer
 
-from anneal_geo.cli import app
+__all__ = ["app"]
+
+app = typer.Typer()
 
 
 @app.command("label")

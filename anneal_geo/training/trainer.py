@@ -1,23 +1,9 @@
-"""The metric-learning trainer: a trunk, a projection head, contrastive loss on answered pairs.
+"""The :class:`Trainer`: rounds of metric learning on answered pairs, and its batching helpers.
 
-Two modes:
-
-- ``"head"``: the trunk's features of the whole pool are computed once
-  (:meth:`Trainer.cache_features`) and each round trains only the projection head on them;
-  re-embedding the pool is a pass of the small head (milliseconds). The fast first stage.
-- ``"full"``: trunk and head train end to end on the raw patches of the answered pairs
-  (Adam, ``lr_trunk`` for the trunk, ``lr_head`` for the head), with random flips and
-  90-degree rotations; re-embedding runs the whole network.
-
-Loss (METHOD.md 3.8): contrastive ``y d^2 + (1 - y) max(0, m - d)^2`` on L2-normalised
-embeddings, margin ``m = 0.5``, or a triplet loss on triplets formed from the pairs. Every
-batch holds as many similar as dissimilar pairs (drawn with replacement, so the rarer answer
-is repeated). The trainer keeps the model and the optimizer state between rounds (warm start)
-and draws every random number from its own seeded ``torch.Generator``.
-
-A *patch source* is either an array (N, C, H, W) in the pool's units (a ``np.memmap`` works),
-or a function ``get_batch(ids) -> (len(ids), C, H, W) float32`` together with ``n``, e.g.
-``pool.float_patches`` and ``len(pool)``.
+What a round does, the two modes and the patch sources are described in
+:mod:`anneal_geo.training`; the losses live in :mod:`anneal_geo.training.losses` and the
+model (trunk, projection head) in :mod:`anneal_geo.training.heads`. Importing this module does
+not import torch: every function that needs it imports it when called.
 """
 
 from __future__ import annotations
@@ -33,15 +19,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from anneal_geo.errors import ConfigError, DataError
+from anneal_geo.training.losses import (
+    _balanced_contrastive_loss,
+    _contrastive_loss,
+    _triplet_loss,
+    _TripletSampler,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from anneal_geo._nets import MetricModel
+    from anneal_geo.training.heads import MetricModel
 
-__all__ = ["MetricModel", "PatchSource", "RoundStats", "Trainer"]
+__all__ = ["PatchSource", "RoundStats", "Trainer"]
 
-log = logging.getLogger(__name__)
+# The logger keeps the name it had before the trainer became a package.
+log = logging.getLogger("anneal_geo.training")
 
 #: An array (N, C, H, W) or a ``get_batch(ids) -> float32 array`` function.
 PatchSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
@@ -55,16 +48,6 @@ _DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"epochs": 20, "batch_pairs": 256, "min_steps": 50, "max_steps": 2000},
     "full": {"epochs": 5, "batch_pairs": 64, "min_steps": 20, "max_steps": 300},
 }
-
-
-def __getattr__(name: str) -> Any:
-    # MetricModel subclasses torch.nn.Module; it is imported on first use so that importing
-    # this module does not import torch.
-    if name == "MetricModel":
-        from anneal_geo._nets import MetricModel
-
-        return MetricModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -540,7 +523,7 @@ class Trainer:
         self.rounds = int(state["rounds"])
 
 
-# ---------------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------------- batching helpers
 
 
 def _check_pairs(pairs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -598,73 +581,6 @@ class _PairLookup:
         pos_ok = np.minimum(pos, len(self.keys) - 1)
         hit = self.keys[pos_ok] == keys
         return a[hit], b[hit], self.labels[pos_ok[hit]]
-
-
-class _TripletSampler:
-    """Draws (anchor, positive, negative) triplets from labelled pairs, vectorised.
-
-    A similar pair (a, p), in either orientation, gets a negative drawn uniformly from the
-    patches with a dissimilar answer against ``a``.
-    """
-
-    def __init__(self, pairs: np.ndarray, labels: np.ndarray) -> None:
-        pos = pairs[labels == 1]
-        neg = pairs[labels == 0]
-        anchors = np.concatenate([pos[:, 0], pos[:, 1]])
-        positives = np.concatenate([pos[:, 1], pos[:, 0]])
-        src = np.concatenate([neg[:, 0], neg[:, 1]])
-        dst = np.concatenate([neg[:, 1], neg[:, 0]])
-        order = np.argsort(src, kind="stable")
-        self.neg_src, self.neg_dst = src[order], dst[order]
-        first = np.searchsorted(self.neg_src, anchors, side="left")
-        count = np.searchsorted(self.neg_src, anchors, side="right") - first
-        ok = count > 0
-        self.anchors, self.positives = anchors[ok], positives[ok]
-        self.first, self.count = first[ok], count[ok]
-        self.possible = bool(ok.any())
-
-    def sample(self, k: int, generator: torch.Generator) -> np.ndarray:
-        import torch
-
-        rows = torch.randint(len(self.anchors), (k,), generator=generator).numpy()
-        offset = (torch.rand(k, generator=generator).numpy() * self.count[rows]).astype(np.int64)
-        offset = np.minimum(offset, self.count[rows] - 1)
-        negatives = self.neg_dst[self.first[rows] + offset]
-        return np.stack([self.anchors[rows], self.positives[rows], negatives], axis=1)
-
-
-def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # The epsilon keeps the gradient finite for identical embeddings.
-    return ((a - b).pow(2).sum(dim=1) + 1e-12).sqrt()
-
-
-def _contrastive_loss(
-    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, margin: float
-) -> torch.Tensor:
-    d = _distance(a, b)
-    return (y * d.pow(2) + (1 - y) * (margin - d).clamp(min=0).pow(2)).mean()
-
-
-def _balanced_contrastive_loss(
-    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, margin: float
-) -> torch.Tensor:
-    """The contrastive loss with similar and dissimilar pairs weighted equally."""
-    import torch
-
-    d = _distance(a, b)
-    pos = y > 0.5
-    terms = []
-    if bool(pos.any()):
-        terms.append(d[pos].pow(2).mean())
-    if bool((~pos).any()):
-        terms.append((margin - d[~pos]).clamp(min=0).pow(2).mean())
-    return torch.stack(terms).mean()
-
-
-def _triplet_loss(
-    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float
-) -> torch.Tensor:
-    return (_distance(anchor, positive) - _distance(anchor, negative) + margin).clamp(min=0).mean()
 
 
 def _dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """`anneal-geo index` and `anneal-geo query`: a retrieval index queried by patch, place, box
-or image (registered on import by cli.py; heavy imports stay inside the commands)."""
+or image (heavy imports stay inside the commands)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,12 @@ from typing import Any
 
 import typer
 
-from anneal_geo.cli import app
+from anneal_geo.cli._common import numbers
 from anneal_geo.errors import ConfigError
 
+__all__ = ["app"]
 
-def _numbers(text: str, count: int, option: str, example: str) -> list[float]:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) != count:
-        raise ConfigError(
-            f"{option} {text!r} must be {count} comma-separated numbers, e.g. {example}"
-        )
-    return values
+app = typer.Typer()
 
 
 @app.command("index")
@@ -118,10 +109,10 @@ def query(
         if patch is not None:
             results = geo.query_patch(patch, k, include_query=include_query)
         elif point is not None:
-            lon, lat = _numbers(point, 2, "--point", "103.75,17.92")
+            lon, lat = numbers(point, 2, "--point", "103.75,17.92")
             results = geo.query_point(lon, lat, k, include_query=include_query)
         elif bbox is not None:
-            w, s, e, n = _numbers(bbox, 4, "--bbox", "103.72,17.90,103.76,17.93")
+            w, s, e, n = numbers(bbox, 4, "--bbox", "103.72,17.90,103.76,17.93")
             results = geo.query_bbox(w, s, e, n, k, include_query=include_query)
         else:
             assert image is not None

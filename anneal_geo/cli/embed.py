@@ -1,5 +1,5 @@
 """`anneal-geo embed`: embed a pool in chunks, in this process or on a Dask cluster
-(registered on import by cli.py; heavy imports stay inside the command)."""
+(heavy imports stay inside the command)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import typer
 
-from anneal_geo.cli import app
 from anneal_geo.errors import ConfigError
+
+__all__ = ["app"]
+
+app = typer.Typer()
 
 
 @app.command("embed")

@@ -1,0 +1,80 @@
+"""`anneal-geo pool build|info`: read rasters once into a pool directory, describe one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from anneal_geo.cli._common import load_pool, split_bands
+
+__all__ = ["app"]
+
+app = typer.Typer(name="pool", help="Build and describe patch pools.", no_args_is_help=True)
+
+
+@app.command("build")
+def pool_build(
+    source: Path = typer.Argument(
+        ..., help="Class-per-folder directory, BigEarthNet folder or folder of Sentinel-2 tiles."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the pool to."),
+    bands: str | None = typer.Option(None, help="Comma-separated band names to keep, in order."),
+    patch_size: int | None = typer.Option(
+        None, "--patch-size", help="Tiles: patch side in pixels (default 64)."
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", help="Tiles: pixels between patches (default: the patch size)."
+    ),
+    res: float | None = typer.Option(
+        None, "--res", help="Tiles: pixel size in CRS units (default: the finest band, 10 m)."
+    ),
+    cloud_mask: str = typer.Option(
+        "auto",
+        "--cloud-mask",
+        help="Tiles: auto (cloud_mask.tif beside the bands), none, or "
+        "a mask file name or path (non-zero = cloud).",
+    ),
+    max_nodata: float = typer.Option(
+        0.5,
+        "--max-nodata",
+        help="Tiles: skip patches with more than this share of nodata or cloud pixels.",
+    ),
+) -> None:
+    """Read the rasters once into a pool directory (pool.json, patches.npy, footprints.gpkg).
+
+    A folder of Sentinel-2 tiles (one file per band, e.g. Major TOM's B04.tif, or multi-band
+    scenes) is cut into patches through TorchGeo; so is any source given --patch-size,
+    --stride or --res.
+    """
+    import time
+
+    from anneal_geo.data.tiles import is_tile_archive
+
+    t0 = time.perf_counter()
+    if any(v is not None for v in (patch_size, stride, res)) or is_tile_archive(source):
+        from anneal_geo.data.pool import PatchPool
+
+        pool = PatchPool.from_tiles(
+            source,
+            64 if patch_size is None else patch_size,
+            stride=stride,
+            bands=split_bands(bands),
+            res=res,
+            cloud_mask=None if cloud_mask.lower() == "none" else cloud_mask,
+            max_nodata=max_nodata,
+            on_report=lambda report: typer.echo(report.summary()),
+        )
+    else:
+        pool = load_pool(source, split_bands(bands))
+    pool.save(out)
+    typer.echo(f"built {len(pool)} patches in {time.perf_counter() - t0:.1f} s -> {out}")
+    typer.echo(pool.describe())
+
+
+@app.command("info")
+def pool_info(directory: Path = typer.Argument(..., help="A pool directory.")) -> None:
+    """Describe a saved pool: size, bands, classes, CRSs."""
+    from anneal_geo.data.pool import PatchPool
+
+    typer.echo(PatchPool.open(directory).describe())
