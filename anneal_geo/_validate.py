@@ -12,9 +12,11 @@ __all__ = ["check_array", "plugin_label"]
 
 
 def plugin_label(obj: Any) -> str:
-    """How a plugin instance is named in errors: its registry origin, else its class."""
+    """How a plugin instance is named in errors: its registry origin, else its class (a
+    subclass of a registered plugin is named as itself, not as its parent)."""
     cls = type(obj)
-    return getattr(cls, "plugin_origin", "") or f"plugin {cls.__module__}:{cls.__qualname__}"
+    own = cls.__dict__.get("plugin_origin", "")
+    return own or f"plugin {cls.__module__}:{cls.__qualname__}"
 
 
 def check_array(

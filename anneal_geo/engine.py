@@ -20,14 +20,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anneal_geo import plugins
-from anneal_geo.errors import ConfigError, DataError, SessionError
+from anneal_geo.errors import AnnealError, ConfigError, DataError, PluginError, SessionError
+from anneal_geo.lock import SessionLock
 
 if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
     from anneal_geo.pairs.store import PairStore
-    from anneal_geo.session import Session
+    from anneal_geo.session import Session, SessionConfig
 
-__all__ = ["Engine", "RoundResult", "select_pairs"]
+__all__ = ["Engine", "RoundResult", "check_budget", "check_settings", "select_pairs"]
+
+
+
+def _default_command() -> str:
+    """What holds a session's lock when the caller does not say: ``anneal-geo label`` when
+    run by the command, else the script (``python ipykernel_launcher.py``)."""
+    import sys
+    from pathlib import Path
+
+    argv = [str(a) for a in sys.argv] or ["python"]
+    program = Path(argv[0]).name or "python"
+    if program.startswith("anneal-geo"):
+        return " ".join(["anneal-geo", *argv[1:2]])
+    return f"python {program}"
 
 
 @contextmanager
@@ -46,6 +61,178 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _budget_hint(mode: str) -> str:
+    """What to do when a round's budget exceeds its candidates, for the mode in use."""
+    if mode == "knn":
+        return (
+            "lower --budget, raise knn_k (--config FILE with knn_k = ...) or use "
+            "--candidates exhaustive"
+        )
+    if mode == "uniform":
+        return "lower --budget (uniform candidates are a sample of every pair left)"
+    return "lower --budget or --rounds (every pair left is a candidate already)"
+
+
+def _auto_mode(candidates: str, n_archive: int, estimator: Any) -> str:
+    from anneal_geo.pairs.candidates import default_mode
+
+    if candidates != "auto":
+        return candidates
+    # An estimator that ignores the embedding (the random baseline) gets a uniform sample
+    # of all pairs (see select_pairs).
+    uses_embeddings = getattr(estimator, "uses_embeddings", True)
+    return default_mode(n_archive) if uses_embeddings else "uniform"
+
+
+def check_budget(
+    config: SessionConfig, n_archive: int, estimator: Any, rounds_done: int = 0
+) -> None:
+    """Refuse, before a round is asked, budgets the archive cannot provide.
+
+    Checks that the initial set and every round's budget fit among the archive's pairs and
+    that one round's budget fits among its candidates (an upper bound for ``knn`` and
+    ``uniform`` candidates), so a session never asks its initial set only to fail at round 1.
+
+    Raises:
+        ConfigError: with a hint fitting the candidate mode in use.
+    """
+    from anneal_geo.pairs.candidates import UNIFORM_SAMPLE, suggested_knn_k
+
+    n = int(n_archive)
+    total = n * (n - 1) // 2
+    if rounds_done == 0 and config.initial > total:
+        raise ConfigError(
+            f"setting 'initial' asks {config.initial} pairs but the archive of {n} patches "
+            f"has only {total}; lower --initial"
+        )
+    later = config.rounds - max(0, rounds_done - 1)
+    if later <= 0:
+        return
+    mode = _auto_mode(config.candidates, n, estimator)
+    left = total - config.initial
+    if mode == "knn":
+        k = config.knn_k if config.knn_k > 0 else suggested_knn_k(n)
+        edges = n * min(k, max(n - 1, 0))
+        bound = min(left, edges + math.ceil(config.far_fraction * edges))
+        what = f"at most {bound} knn candidate pairs ({k} neighbours per patch of {n})"
+    elif mode == "uniform":
+        bound = min(left, UNIFORM_SAMPLE)
+        what = f"at most {bound} uniform candidate pairs"
+    else:
+        bound = left
+        what = f"{bound} pairs the archive of {n} patches has besides the initial set"
+    if config.budget > bound:
+        raise ConfigError(
+            f"budget of {config.budget} pairs per round is larger than the {what} "
+            f"({mode} candidates); {_budget_hint(mode)}"
+        )
+    asked = config.initial + config.rounds * config.budget
+    if asked > total:
+        raise ConfigError(
+            f"the session would ask {asked} pairs (initial {config.initial} + {config.rounds} "
+            f"rounds of {config.budget}) but the archive of {n} patches has only {total}; "
+            "lower --budget or --rounds"
+        )
+
+
+def _create_plugins(
+    config: SessionConfig, recorded: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The session's four plugins, by setting name; a missing one names its distribution."""
+    from anneal_geo.session import PLUGIN_SETTINGS
+
+    made: dict[str, Any] = {}
+    for setting, group in PLUGIN_SETTINGS:
+        name = getattr(config, setting)
+        options = getattr(config, f"{setting}_options")
+        try:
+            made[setting] = plugins.create(group, name, seed=config.seed, **options)
+        except PluginError as exc:
+            was = (recorded or {}).get(setting) or {}
+            dist, version = was.get("distribution"), was.get("version")
+            if plugins.find(group, name) is None and was.get("name") == name and dist:
+                pin = f"=={version}" if version else ""
+                raise PluginError(
+                    f"{setting} '{name}' is not installed; this session ran it from "
+                    f"{dist} {version or ''}".rstrip()
+                    + f": install that distribution (pip install '{dist}{pin}') and run the "
+                    "command again"
+                ) from exc
+            raise
+    return made
+
+
+def _provenance(config: SessionConfig) -> dict[str, dict[str, Any]]:
+    from anneal_geo.session import PLUGIN_SETTINGS
+
+    return {
+        setting: {
+            **plugins.provenance(group, getattr(config, setting)),
+            "options": dict(getattr(config, f"{setting}_options")),
+        }
+        for setting, group in PLUGIN_SETTINGS
+    }
+
+
+def _probe_annotator(annotator: Any, pool: PatchPool) -> None:
+    """Ask the annotator zero pairs: one that cannot answer when pulled by the engine (the
+    Jupyter widget) says so now, before a session exists."""
+    for _ in annotator.checked_annotate(np.zeros((0, 2), dtype=np.int64), pool):
+        break
+
+
+def _split_ids(config: SessionConfig, pool: PatchPool) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation split a new session gets: stratified by class, or all in the archive."""
+    if pool.labels is not None:
+        from anneal_geo.retrieval.split import stratified_split
+
+        labels = pool.labels if pool.multilabel else pool.single_labels()
+        return stratified_split(labels, query_fraction=config.query_fraction, seed=config.seed)
+    return np.arange(len(pool), dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+
+def check_settings(config: SessionConfig, pool: PatchPool) -> dict[str, dict[str, Any]]:
+    """Check everything a new session needs before anything is written.
+
+    Validates the settings, selects the bands, creates the four plugins with their options,
+    prepares the annotator on the pool and asks it zero pairs, builds the backbone's trunk
+    and runs it on two patches, checks the training mode and the budgets against the
+    archive. The CLI calls this before creating the session directory, so a bad setting
+    leaves nothing behind.
+
+    Returns:
+        the plugins' provenance, to record in ``session.toml``.
+
+    Raises:
+        ConfigError, DataError, PluginError: the first problem found, naming it.
+    """
+    import torch
+
+    cfg = config.validate()
+    if cfg.bands:
+        pool = pool.select_bands(cfg.bands)
+    made = _create_plugins(cfg)
+    made["annotator"].prepare(pool)
+    _probe_annotator(made["annotator"], pool)
+    if cfg.train_mode == "full" and not getattr(made["backbone"], "trainable", True):
+        raise ConfigError(
+            f"backbone '{cfg.backbone}' has no trainable trunk; use --train-mode head"
+        )
+    archive, _ = _split_ids(cfg, pool)
+    if len(archive) < 2:
+        raise DataError(f"the pool has {len(archive)} patch(es) to pair; need at least 2")
+    check_budget(cfg, len(archive), made["estimator"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        trunk = made["backbone"].checked_build(
+            pool.bands, pool.band_mean.tolist(), pool.band_std.tolist()
+        )
+        batch = torch.from_numpy(pool.float_patches(np.arange(min(2, len(pool)))))
+        with torch.no_grad():
+            trunk.eval()(batch)
+    return _provenance(cfg)
 
 
 @dataclass
@@ -126,7 +313,7 @@ def select_pairs(
     if n_candidates < budget:
         raise ConfigError(
             f"budget of {budget} pairs per round is larger than the {n_candidates} candidate "
-            f"pairs left ({mode} candidates); lower --budget or use --candidates exhaustive"
+            f"pairs left ({mode} candidates); {_budget_hint(mode)}"
         )
     # Deterministic order of the short-list (argpartition's order is arbitrary).
     order = np.lexsort((best_pairs[:, 1], best_pairs[:, 0], -best_u))
@@ -219,11 +406,28 @@ def initial_pairs(
 class Engine:
     """Runs ANNEAL rounds on a session.
 
+    An engine writes to its session, so it holds the session's lock
+    (:class:`~anneal_geo.lock.SessionLock`) from construction to :meth:`close`: a second
+    writer (another ``anneal-geo label``, ``resume``, a notebook) is refused at once with
+    a one-line SessionError naming this one. Use it as a context manager, or call
+    :meth:`close`.
+
     Args:
         session: the session directory (settings, answers, history).
         pool: the patch pool the session's ids refer to.
+        command: what holds the lock, shown to a second writer, e.g.
+            ``"anneal-geo label"``.
+        lock: a lock on this session the caller already holds (it stays the caller's to
+            release); default: the engine takes one.
+        read_only: open the session without the lock and without writing anything (to
+            embed or inspect it while another process labels it); answering, choosing or
+            finishing a round is then refused.
         progress: show tqdm progress bars for long work.
         on_round: called with each finished round's record (the CLI prints a table row).
+
+    Raises:
+        SessionError: another process holds the session, or one of its files is damaged.
+        ConfigError, DataError, PluginError: a setting, the pool or a plugin is unusable.
     """
 
     def __init__(
@@ -231,38 +435,67 @@ class Engine:
         session: Session,
         pool: PatchPool,
         *,
+        command: str | None = None,
+        lock: SessionLock | None = None,
+        read_only: bool = False,
         progress: bool = True,
         on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self.session = session
+        self.read_only = bool(read_only)
+        self._lock: SessionLock | None = None
+        self._owns_lock = False
+        if not self.read_only:
+            if lock is not None and lock.held:
+                if lock.directory.resolve() != session.directory.resolve():
+                    raise SessionError(
+                        f"the lock given is on {lock.directory}, not on {session.directory}"
+                    )
+                self._lock = lock
+            else:
+                self._lock = SessionLock(session.directory, command or _default_command()).acquire()
+                self._owns_lock = True
+        try:
+            self._setup(pool, progress, on_round)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self,
+        pool: PatchPool,
+        progress: bool,
+        on_round: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
         from anneal_geo.pairs.store import PairStore
 
-        self.session = session
+        session = self.session
+        if not self.read_only:
+            session.repair_history()
         cfg = session.config
         self.config = cfg
-        self.progress = progress
+        self._progress = progress
         self.on_round = on_round
         if cfg.bands:
             pool = pool.select_bands(cfg.bands)
         self.pool = pool
         self._set_threads(cfg.threads)
 
-        self.estimator = plugins.create(
-            "estimators", cfg.estimator, seed=cfg.seed, **cfg.estimator_options
-        )
-        self.selector = plugins.create(
-            "selectors", cfg.selector, seed=cfg.seed, **cfg.selector_options
-        )
-        self.backbone = plugins.create(
-            "backbones", cfg.backbone, seed=cfg.seed, **cfg.backbone_options
-        )
-        self.annotator = plugins.create(
-            "annotators", cfg.annotator, seed=cfg.seed, **cfg.annotator_options
-        )
+        made = _create_plugins(cfg, session.provenance)
+        self.estimator = made["estimator"]
+        self.selector = made["selector"]
+        self.backbone = made["backbone"]
+        self.annotator = made["annotator"]
+        if not self.read_only:
+            self._record_provenance()
         self.annotator.prepare(pool)
 
         self.archive_ids, self.query_ids = self._split()
-        self.store: PairStore = PairStore(session.store_path)
+        check_budget(cfg, len(self.archive_ids), self.estimator, self.rounds_done)
+        session.check_store_file()
+        self.store: PairStore = PairStore(session.store_path, read_only=self.read_only)
         self._check_store()
+        session.check_store_counts(self.store.count_by_answer())
         self.trainer = self._build_trainer()
         self.embeddings = self._initial_embeddings()
         self._round_stats: dict[str, Any] = {}
@@ -275,31 +508,70 @@ class Engine:
 
             torch.set_num_threads(threads)
 
+    @property
+    def progress(self) -> bool:
+        """Whether long work (feature caching, embedding) shows progress bars."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, value: bool) -> None:
+        self._progress = bool(value)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            trainer.progress = self._progress
+
+    def _record_provenance(self) -> None:
+        """Record where each plugin comes from; say so when a version changed since."""
+        session = self.session
+        recorded = session.provenance
+        changed = False
+        for setting, now in _provenance(self.config).items():
+            before = recorded.get(setting)
+            if before is None or before.get("name") != now["name"]:
+                recorded[setting] = now
+                changed = True
+                continue
+            was = (before.get("distribution"), before.get("version"))
+            if was != (now["distribution"], now["version"]):
+                session.notify(
+                    f"{setting} '{now['name']}' is now {now['distribution']} {now['version']}; "
+                    f"this session last ran it as {was[0]} {was[1]}: its rounds from now on may "
+                    "differ from the earlier ones"
+                )
+                used = list(before.get("versions_used") or [was[1]])
+                recorded[setting] = {**now, "versions_used": [*used, now["version"]]}
+                changed = True
+            elif {k: v for k, v in before.items() if k != "versions_used"} != now:
+                recorded[setting] = {
+                    **now,
+                    **(
+                        {"versions_used": before["versions_used"]}
+                        if "versions_used" in before
+                        else {}
+                    ),
+                }
+                changed = True
+        if changed:
+            session.save_settings()
+
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
-        saved = self.session.load_split()
+        saved = self.session.load_split(len(self.pool))
         if saved is not None:
             archive, query = saved
             return np.asarray(archive, dtype=np.int64), np.asarray(query, dtype=np.int64)
-        if self.pool.labels is not None:
-            from anneal_geo.retrieval.split import stratified_split
-
-            labels = self.pool.labels if self.pool.multilabel else self.pool.single_labels()
-            archive_ids, query_ids = stratified_split(
-                labels, query_fraction=self.config.query_fraction, seed=self.config.seed
-            )
-        else:  # unlabelled: every patch is in the archive, nothing to evaluate against
-            archive_ids = np.arange(len(self.pool), dtype=np.int64)
-            query_ids = np.zeros(0, dtype=np.int64)
+        archive_ids, query_ids = _split_ids(self.config, self.pool)
         if len(archive_ids) < 2:
             raise DataError(f"the pool has {len(archive_ids)} patch(es) to pair; need at least 2")
-        self.session.save_split(archive_ids.tolist(), query_ids.tolist())
+        if not self.read_only:
+            self.session.save_split(archive_ids.tolist(), query_ids.tolist())
         return archive_ids, query_ids
 
     def _check_store(self) -> None:
         fingerprint = self.pool.fingerprint
         stored = self.store.get_meta("pool_fingerprint")
         if stored is None:
-            self.store.set_meta("pool_fingerprint", fingerprint)
+            if not self.read_only:
+                self.store.set_meta("pool_fingerprint", fingerprint)
         elif stored != fingerprint:
             raise SessionError(
                 f"{self.session.store_path} holds answers about another pool "
@@ -334,19 +606,48 @@ class Engine:
             # Trunk features are computed once per session and reused by every round and
             # by resume (the trunk is frozen in head mode).
             cache = self.session.directory / f"trunk_features_{self._trunk_key()}.npy"
-            features = None
-            if cache.exists():
-                features = np.load(cache)
-                if features.shape != (len(self.pool), model.trunk_dim):
-                    features = None
+            features = self._cached_features(cache, int(model.trunk_dim))
             if features is None:
-                trainer.cache_features(self._patch_source, len(self.pool), path=cache)
+                trainer.cache_features(
+                    self._patch_source, len(self.pool), path=None if self.read_only else cache
+                )
             else:
                 trainer.set_features(features)
         latest = self.session.latest_checkpoint()
         if latest is not None:
-            trainer.load_state_dict(torch.load(latest[1], weights_only=True))
+            path = latest[1]
+            state = self.session.load_checkpoint(path)
+            try:
+                trainer.load_state_dict(state)
+            except AnnealError as exc:
+                raise type(exc)(f"{path}: {exc}") from exc
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise self.session._damaged_checkpoint(
+                    path, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                ) from exc
         return trainer
+
+    def _cached_features(self, cache: Any, dim: int) -> np.ndarray | None:
+        """The cached trunk features when the file is whole and fits; None (with a notice
+        when the file was damaged) when they must be computed."""
+        if not cache.exists():
+            return None
+        want = (len(self.pool), dim)
+        try:
+            features = np.load(cache)
+            problem = ""
+            if features.shape != want or features.dtype != np.float32:
+                problem = f"holds {features.shape} {features.dtype}, expected {want} float32"
+            elif not np.isfinite(features).all():
+                problem = "holds NaN or infinite values"
+        except (OSError, ValueError, EOFError) as exc:
+            problem = (
+                f"cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            )
+        if not problem:
+            return features
+        self.session.notify(f"{cache} {problem}; computing the trunk features again")
+        return None
 
     def _trunk_key(self) -> str:
         """Identifies cached trunk features: backbone, its options and weights, the pool."""
@@ -380,6 +681,11 @@ class Engine:
     def total_rounds(self) -> int:
         return 1 + self.config.rounds
 
+    @property
+    def finished(self) -> bool:
+        """Whether every round of the session is done."""
+        return self.rounds_done >= self.total_rounds
+
     def labelled(self) -> Any:
         """The transitive closure of every effective answer so far."""
         from anneal_geo.pairs.transitivity import closure
@@ -387,15 +693,28 @@ class Engine:
         pairs, labels, _ = self.store.answers()
         return closure(pairs, labels, n=len(self.pool))
 
+    def _writable(self, what: str) -> PairStore:
+        if self.read_only:
+            raise SessionError(
+                f"session {self.session.directory} is open read-only: cannot {what}; open it "
+                "with a writing command (`anneal-geo resume` or `anneal-geo label`)"
+            )
+        return self.store
+
     # -- one round -------------------------------------------------------------------------
-    def _choose(self, round_index: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    def _round_target(self, round_index: int) -> int:
+        return self.config.initial if round_index == 0 else self.config.budget
+
+    def _choose(
+        self, round_index: int, rng: np.random.Generator, count: int
+    ) -> tuple[np.ndarray, dict]:
         cfg = self.config
         queried = self.store.queried()
         if round_index == 0:
             pairs, is_nn = initial_pairs(
                 self.embeddings,
                 self.archive_ids,
-                cfg.initial,
+                count,
                 cfg.initial_nn_fraction,
                 rng,
                 exclude=queried,
@@ -404,38 +723,70 @@ class Engine:
         labelled = self.labelled()
         self.estimator.checked_fit(self.embeddings, labelled.pairs, labelled.labels)
         exclude = np.concatenate([labelled.pairs, queried]) if len(queried) else labelled.pairs
-        return select_pairs(
+        pairs, stats = select_pairs(
             self.embeddings,
             self.archive_ids,
             exclude,
             self.estimator,
             self.selector,
-            cfg.budget,
+            count,
             rng,
             candidates=cfg.candidates,
             knn_k=cfg.knn_k,
             far_fraction=cfg.far_fraction,
             shortlist_factor=cfg.shortlist_factor,
         )
+        # What the fit found, kept with the round's pairs so a resumed round records it too.
+        threshold = getattr(self.estimator, "threshold_", None)
+        if threshold is not None:
+            stats["threshold"] = round(float(threshold), 5)
+        for key in ("fallback_reason", "balanced_accuracy_"):
+            value = getattr(self.estimator, key, None)
+            if value:
+                stats[key.rstrip("_")] = value if isinstance(value, str) else round(value, 4)
+        return pairs, stats
+
+    def _answered_in_round(self, round_index: int) -> np.ndarray:
+        """The pairs with an effective answer (skips included) given in ``round_index``."""
+        pairs, _, rounds = self.store.answers(include_skipped=True)
+        return pairs[rounds == round_index]
 
     # -- the round as three steps (used by step() and by interactive front ends) ----------
     def round_pairs(self) -> np.ndarray:
         """The pairs of the current round, choosing (and saving) them on first call.
 
         The choice is written to ``pending.json`` before any question is asked, so a
-        restarted process asks the same pairs.
+        restarted process asks the same pairs. When ``pending.json`` is gone but the round
+        already has answers, the round is completed around them: only the pairs its budget
+        has left are chosen, so no round ever asks more than its budget.
         """
         round_index = self.rounds_done
-        pending = self.session.load_pending()
+        pending = self.session.load_pending(len(self.pool))
         if pending is not None and pending[0] == round_index:
-            self._round_stats.setdefault("resumed", True)
+            if not self._round_stats:
+                self._round_stats = {**self.session.pending_stats(), "resumed": True}
             return np.asarray(pending[1], dtype=np.int64).reshape(-1, 2)
+        self._writable(f"choose the pairs of round {round_index}")
         t0 = time.perf_counter()
         rng = np.random.default_rng([self.config.seed, round_index])
-        pairs, stats = self._choose(round_index, rng)
+        target = self._round_target(round_index)
+        answered = self._answered_in_round(round_index)
+        stats: dict[str, Any]
+        if len(answered) >= target:
+            pairs, stats = answered, {"candidates": "recovered"}
+        else:
+            chosen, stats = self._choose(round_index, rng, target - len(answered))
+            pairs = np.concatenate([answered, chosen]) if len(answered) else chosen
+        if len(answered):
+            self.session.notify(
+                f"{self.session.pending_path} was missing: round {round_index} already had "
+                f"{len(answered)} answers; kept them and chose {len(pairs) - len(answered)} more "
+                f"to complete its {target} pairs"
+            )
+            stats["recovered_answers"] = len(answered)
         stats["seconds_select"] = round(time.perf_counter() - t0, 3)
         self._round_stats = stats
-        self.session.save_pending(round_index, pairs.tolist())
+        self.session.save_pending(round_index, pairs.tolist(), stats)
         return pairs
 
     def unanswered(self) -> np.ndarray:
@@ -451,12 +802,14 @@ class Engine:
 
     def answer(self, i: int, j: int, value: int, annotator: str | None = None) -> int:
         """Commit one answer (1 similar, 0 dissimilar, -1 skip) before returning its seq."""
-        return self.store.add(
+        store = self._writable("answer")
+        return store.add(
             i, j, value, round=self.rounds_done, annotator=annotator or self.config.annotator
         )
 
     def finish_round(self) -> dict[str, Any]:
         """Train, re-embed and evaluate once every pair of the round has an answer."""
+        self._writable("finish a round")
         left = len(self.unanswered())
         if left:
             raise SessionError(
@@ -527,9 +880,9 @@ class Engine:
             "train_loss": round(float(train_stats.loss), 5),
             "train_steps": int(train_stats.steps),
         }
-        threshold = getattr(self.estimator, "threshold_", None)
-        if threshold is not None and round_index > 0:
-            record["threshold"] = round(float(threshold), 5)
+        if round_index == 0:  # the initial set is not selected by the estimator
+            for key in ("threshold", "balanced_accuracy", "fallback_reason"):
+                record.pop(key, None)
         if metrics_before:
             record["start"] = metrics_before
         # Machine time of the round: selection, training, embedding, evaluation (the time a
@@ -537,10 +890,6 @@ class Engine:
         record["seconds"] = round(
             float(record["seconds_select"]) + (time.perf_counter() - t_start), 3
         )
-        for key in ("fallback_reason", "balanced_accuracy_"):
-            value = getattr(self.estimator, key, None)
-            if value and round_index > 0:
-                record[key.rstrip("_")] = value if isinstance(value, str) else round(value, 4)
         self.session.append_history(record)
         self.session.clear_pending()
         self._round_stats = {}
@@ -549,11 +898,16 @@ class Engine:
         return record
 
     def _save_checkpoint(self, round_index: int) -> None:
+        import os
+
         import torch
 
         path = self.session.checkpoint_path(round_index)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.trainer.state_dict(), tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(self.trainer.state_dict(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(path)
 
     def evaluate(self) -> dict[str, float]:
@@ -586,7 +940,15 @@ class Engine:
         return records
 
     def close(self) -> None:
-        self.store.close()
+        """Close the answers store and give the session's lock back (idempotent)."""
+        store = getattr(self, "store", None)
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None and self._owns_lock:
+                lock.release()
 
     def __enter__(self) -> Engine:
         return self

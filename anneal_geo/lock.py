@@ -129,10 +129,16 @@ class SessionLock:
             ) from exc
         if not _try_lock(fd):
             os.close(fd)
-            holder = describe_holder(read_holder(self.directory))
+            found = read_holder(self.directory)
+            holder = describe_holder(found)
+            mine = (os.getpid(), socket.gethostname())
+            if found and (found.get("pid"), found.get("host")) == mine:
+                todo = "close the other engine of this process first (engine.close())"
+            else:
+                todo = "finish or close that one first"
             raise SessionError(
-                f"session {self.directory} is already open for writing by {holder}; finish or "
-                "close that one first (`anneal-geo session status` reads it without writing)"
+                f"session {self.directory} is already open for writing by {holder}; {todo} "
+                "(`anneal-geo session status` reads it without writing)"
             )
         self._fd = fd
         info = {

@@ -23,16 +23,22 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal
 
+from anneal_geo._options import OptionSpec, check_options, option_specs
 from anneal_geo.errors import PluginError
 
 __all__ = [
+    "CAPABILITIES",
     "GROUPS",
+    "PluginDescription",
     "PluginInfo",
     "available",
     "base_class",
     "create",
+    "describe",
+    "find",
     "inspect_all",
     "load",
+    "provenance",
     "refresh",
     "register",
     "unregister",
@@ -51,6 +57,14 @@ _BASES: dict[str, tuple[str, str]] = {
     "selectors": ("anneal_geo.selectors.base", "Selector"),
     "backbones": ("anneal_geo.backbones.base", "Backbone"),
     "annotators": ("anneal_geo.annotators.base", "Annotator"),
+}
+
+#: Capability attributes of each contract (class attributes, each True or False).
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "estimators": ("needs_labels", "symmetric", "uses_embeddings"),
+    "selectors": (),
+    "backbones": ("trainable",),
+    "annotators": ("interactive", "needs_labels"),
 }
 
 #: The distribution that wins a name clash among entry points.
@@ -236,10 +250,18 @@ def _load_target(target: str) -> Any:
     return obj
 
 
-def _find(group: str, name: str) -> PluginInfo:
-    for info in available(group):
+def find(group: str, name: str) -> PluginInfo | None:
+    """The listing of plugin ``name`` of ``group`` (metadata only), or None."""
+    for info in available(_check_group(group)):
         if info.name == name:
             return info
+    return None
+
+
+def _find(group: str, name: str) -> PluginInfo:
+    info = find(group, name)
+    if info is not None:
+        return info
     known = ", ".join(names(group)) or "none"
     raise PluginError(
         f"unknown {group[:-1]} '{name}'; known {group}: {known} "
@@ -275,14 +297,67 @@ def load(group: str, name: str) -> type:
 
 
 def create(group: str, name: str, /, **options: Any) -> Any:
-    """Load plugin ``name`` of ``group`` and instantiate it with ``options``."""
+    """Load plugin ``name`` of ``group`` and instantiate it with ``options``.
+
+    Raises:
+        ConfigError: an option the plugin does not accept (the message lists those it does).
+        PluginError: as :func:`load`.
+    """
     cls: Any = load(group, name)
+    check_options(cls, options, group[:-1], name)
     try:
         return cls(**options)
     except TypeError as exc:
         raise PluginError(
             f"{cls.plugin_origin} does not accept the options {sorted(options)}: {exc}"
         ) from exc
+
+
+def provenance(group: str, name: str) -> dict[str, Any]:
+    """Where plugin ``name`` comes from, as a session records it: name, target, distribution,
+    version and the contract version it was written for (loads the plugin)."""
+    cls = load(group, name)
+    info = _find(group, name)
+    return {
+        "name": name,
+        "target": info.target,
+        "distribution": info.distribution,
+        "version": info.version,
+        "contract_version": int(getattr(cls, "contract_version", 1)),
+    }
+
+
+@dataclass(frozen=True)
+class PluginDescription:
+    """What ``anneal-geo plugins show NAME`` prints about one plugin.
+
+    Attributes:
+        info: the listing (name, group, target, distribution, version).
+        description: the class docstring's first paragraph.
+        capabilities: capability attribute -> value.
+        options: the options it accepts (see :mod:`anneal_geo._options`).
+        contract_version: the contract version it was written for.
+    """
+
+    info: PluginInfo
+    description: str
+    capabilities: dict[str, Any]
+    options: dict[str, OptionSpec]
+    contract_version: int
+
+
+def describe(group: str, name: str) -> PluginDescription:
+    """Load plugin ``name`` of ``group`` and describe it (PluginError if it is broken)."""
+    cls = load(group, name)
+    doc = (getattr(cls, "description", "") or inspect.getdoc(cls) or "").strip()
+    paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+    return PluginDescription(
+        info=replace(_find(group, name), status="ok", description=_describe(cls)),
+        description=paragraph,
+        capabilities={attr: getattr(cls, attr, None) for attr in CAPABILITIES[group]},
+        options=option_specs(cls),
+        contract_version=int(getattr(cls, "contract_version", 1)),
+    )
 
 
 def _describe(cls: type) -> str:

@@ -11,15 +11,31 @@ Layout::
     DIR/checkpoints/          state dicts only (loaded with weights_only=True)
 
 Every file is readable data (TOML, JSON lines, SQLite, .npy), never a pickle.
+
+One process writes to a session at a time: the writer holds ``DIR/session.lock``
+(:mod:`anneal_geo.lock`; the :class:`~anneal_geo.engine.Engine` takes it). Every file is
+written atomically (temporary file, then rename) except the two append-only ones
+(``history.jsonl``, ``annotations.sqlite``), and every file is checked when read: a damaged
+or missing one is a one-line :class:`~anneal_geo.errors.SessionError` naming it and saying
+what to do, or a safe repair that is reported through :meth:`Session.notify` (a half-written
+last line of ``history.jsonl`` is cut off before the next record is appended).
+
+``session.toml`` also records each plugin's provenance (``[plugins.estimator]`` ...: name,
+entry point, distribution, version, contract version), so a resumed session can say which
+distribution to install or that a version changed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +48,23 @@ __all__ = ["SESSION_FORMAT_VERSION", "Session", "SessionConfig"]
 #: Bumped when the session layout changes incompatibly.
 SESSION_FORMAT_VERSION = 1
 
+#: The plugin groups a session records, as (setting, plugin group).
+PLUGIN_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("estimator", "estimators"),
+    ("selector", "selectors"),
+    ("backbone", "backbones"),
+    ("annotator", "annotators"),
+)
+
 
 @dataclass
 class SessionConfig:
     """Every setting of an ANNEAL session (defaults are the recommended settings).
+
+    Every setting is checked by :meth:`validate` (when a session is created and each time
+    ``session.toml`` is read): its type from the annotation below, whatever the setting, and
+    its range for the settings that have one (``_RANGES``, or ``range``/``choices`` in the
+    field's metadata). A setting added here is therefore type-checked without further code.
 
     Attributes:
         data: the pool source (class-per-folder directory, BigEarthNet folder or pool dir).
@@ -88,41 +117,15 @@ class SessionConfig:
     annotator_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> SessionConfig:
-        """Check ranges; raise ConfigError naming the setting at fault."""
-        positive = {
-            "budget": self.budget,
-            "shortlist_factor": self.shortlist_factor,
-            "embedding_dim": self.embedding_dim,
-            "eval_k": self.eval_k,
-            "epochs": self.epochs,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"setting '{name}' must be at least 1, got {value}")
-        if self.knn_k < 0:
-            raise ConfigError(f"setting 'knn_k' must be 0 (by pool size) or more, got {self.knn_k}")
-        if self.rounds < 0:
-            raise ConfigError(f"setting 'rounds' must be 0 or more, got {self.rounds}")
-        if self.initial < 2:
-            raise ConfigError(
-                f"setting 'initial' must be at least 2 (one similar and one dissimilar "
-                f"answer are needed to start), got {self.initial}"
-            )
-        if not 0.0 <= self.initial_nn_fraction <= 1.0:
-            raise ConfigError("setting 'initial_nn_fraction' must lie in [0, 1]")
-        if not 0.0 <= self.far_fraction <= 1.0:
-            raise ConfigError("setting 'far_fraction' must lie in [0, 1]")
-        if not 0.0 < self.query_fraction < 1.0:
-            raise ConfigError("setting 'query_fraction' must lie in (0, 1)")
-        if self.candidates not in ("auto", "exhaustive", "knn", "uniform"):
-            raise ConfigError(
-                f"setting 'candidates' is '{self.candidates}'; use auto, exhaustive, knn "
-                "or uniform"
-            )
-        if self.train_mode not in ("head", "full"):
-            raise ConfigError(f"setting 'train_mode' is '{self.train_mode}'; use head or full")
-        if self.margin <= 0:
-            raise ConfigError("setting 'margin' must be positive")
+        """Check every setting's type and range; raise ConfigError naming the setting at
+        fault. Integers given for float settings become floats."""
+        hints = _setting_types()
+        for item in fields(self):
+            value = getattr(self, item.name)
+            checked = _check_type(item.name, value, hints.get(item.name, Any))
+            if checked is not value:
+                setattr(self, item.name, checked)
+            _check_range(item.name, checked, item.metadata)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +141,135 @@ class SessionConfig:
                 "anneal-geo version"
             )
         return cls(**data).validate()
+
+
+# -- checking settings: types from the annotations, ranges from a table ---------------------
+
+#: Numeric settings with a range: name -> (what the message says, the test).
+_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "rounds": ("0 or more", lambda v: v >= 0),
+    "budget": ("at least 1", lambda v: v >= 1),
+    "initial": (
+        "at least 2 (one similar and one dissimilar answer are needed to start)",
+        lambda v: v >= 2,
+    ),
+    "initial_nn_fraction": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "knn_k": ("0 (by pool size) or more", lambda v: v >= 0),
+    "far_fraction": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "shortlist_factor": ("at least 1", lambda v: v >= 1),
+    "epochs": ("at least 1", lambda v: v >= 1),
+    "margin": ("positive", lambda v: v > 0.0),
+    "embedding_dim": ("at least 1", lambda v: v >= 1),
+    "query_fraction": ("in (0, 1)", lambda v: 0.0 < v < 1.0),
+    "eval_k": ("at least 1", lambda v: v >= 1),
+    "threads": ("0 (library default) or more", lambda v: v >= 0),
+}
+
+#: Settings with a fixed set of values.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "candidates": ("auto", "exhaustive", "knn", "uniform"),
+    "train_mode": ("head", "full"),
+}
+
+
+@cache
+def _setting_types() -> dict[str, Any]:
+    return typing.get_type_hints(SessionConfig)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_expected(a) for a in members) + " (or left out)"
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_expected(item).removeprefix('a ').removeprefix('an ')}"
+    if origin is dict or tp is dict:
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+_NOT_GIVEN = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (an int for a float becomes a float), or _NOT_GIVEN."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(tp):
+            out = _coerce(value, member)
+            if out is not _NOT_GIVEN:
+                return out
+        return _NOT_GIVEN
+    if tp is type(None):
+        return None if value is None else _NOT_GIVEN
+    if origin is list or tp is list:
+        if not isinstance(value, list | tuple):
+            return _NOT_GIVEN
+        (item,) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item) for v in value]
+        return _NOT_GIVEN if any(v is _NOT_GIVEN for v in items) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            return _NOT_GIVEN
+        return value if isinstance(value, dict) else dict(value)
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT_GIVEN
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT_GIVEN
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return _NOT_GIVEN
+        return value if isinstance(value, float) else float(value)
+    if isinstance(tp, type):
+        return value if isinstance(value, tp) else _NOT_GIVEN
+    return value
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    out = _coerce(value, tp)
+    if out is _NOT_GIVEN:
+        raise ConfigError(
+            f"setting '{name}' must be {_expected(tp)}, got {value!r} ({_kind(value)})"
+        )
+    return out
+
+
+def _check_range(name: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    choices = metadata.get("choices") or _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"setting '{name}' is {value!r}; use {', '.join(map(str, choices))}")
+    if "range" in metadata:
+        low, high = metadata["range"]
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"setting '{name}' must lie in [{low}, {high}], got {value}")
+    rule = _RANGES.get(name)
+    if rule is not None and isinstance(value, int | float) and not rule[1](value):
+        raise ConfigError(f"setting '{name}' must be {rule[0]}, got {value}")
+
+
+# -- files --------------------------------------------------------------------------------
 
 
 def _without_none(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,13 +291,50 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Session:
-    """A session directory. Create with :meth:`create`, reopen with :meth:`open`."""
+def _json_default(value: Any) -> Any:
+    """numpy scalars (``np.int64``, ``np.float32``) in records, as Python numbers."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
-    def __init__(self, directory: Path, config: SessionConfig, meta: dict[str, Any]) -> None:
+
+def _print_notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+class Session:
+    """A session directory. Create with :meth:`create`, reopen with :meth:`open`.
+
+    Attributes:
+        directory: the session directory.
+        config: its settings.
+        meta: where the pool lives, its fingerprint.
+        provenance: per plugin setting (``estimator`` ...), where the plugin came from:
+            name, target, distribution, version, contract version (empty for sessions
+            written before provenance was recorded, until a writer opens them).
+        notices: every repair or warning said about this session, in order.
+        on_notice: where notices go (default: ``note: ...`` on stderr).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        config: SessionConfig,
+        meta: dict[str, Any],
+        provenance: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.directory = directory
         self.config = config
         self.meta = meta
+        self.provenance: dict[str, dict[str, Any]] = dict(provenance or {})
+        self.notices: list[str] = []
+        self.on_notice: Callable[[str], None] = _print_notice
+
+    def notify(self, message: str) -> None:
+        """Report a repair or a warning about this session (kept in :attr:`notices`)."""
+        self.notices.append(message)
+        self.on_notice(message)
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -201,15 +370,25 @@ class Session:
     # -- creation ----------------------------------------------------------------------
     @classmethod
     def create(
-        cls, directory: str | Path, config: SessionConfig, meta: dict[str, Any] | None = None
+        cls,
+        directory: str | Path,
+        config: SessionConfig,
+        meta: dict[str, Any] | None = None,
+        *,
+        provenance: dict[str, dict[str, Any]] | None = None,
     ) -> Session:
-        """Create a new session directory; refuse to overwrite an existing session."""
+        """Create a new session directory; refuse to overwrite an existing session.
+
+        Check everything that can be checked (settings, plugins, pool) before calling
+        this: it is the step that writes (see :func:`anneal_geo.engine.check_settings`).
+        """
         path = Path(directory)
         if (path / "session.toml").exists():
             raise SessionError(
                 f"{path} already holds a session; continue it with `anneal-geo resume {path}` "
                 "or choose another --out"
             )
+        config = config.validate()
         try:
             path.mkdir(parents=True, exist_ok=True)
             (path / "checkpoints").mkdir(exist_ok=True)
@@ -221,13 +400,14 @@ class Session:
                 f"cannot write the session directory {path}: {exc.strerror}; "
                 "choose a writable --out"
             ) from exc
-        session = cls(path, config.validate(), dict(meta or {}))
+        session = cls(path, config, dict(meta or {}), provenance)
         session.save_settings()
         return session
 
     @classmethod
     def open(cls, directory: str | Path) -> Session:
-        """Reopen a session; SessionError if it is missing or from an incompatible version."""
+        """Reopen a session; SessionError if it is missing or from an incompatible version,
+        ConfigError naming the setting when ``session.toml`` holds a wrong value."""
         path = Path(directory)
         toml_path = path / "session.toml"
         if not toml_path.is_file():
@@ -243,8 +423,15 @@ class Session:
                 f"{SESSION_FORMAT_VERSION}; open it with the anneal-geo version that wrote it "
                 "or start a new session"
             )
-        settings = data.get("settings", {})
-        meta = data.get("meta", {})
+        tables = {}
+        for key in ("settings", "meta", "plugins"):
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{toml_path}: [{key}] must be a table, got {value!r}; fix the file"
+                )
+            tables[key] = value
+        settings = dict(tables["settings"])
         for key in (
             "estimator_options",
             "selector_options",
@@ -252,7 +439,12 @@ class Session:
             "annotator_options",
         ):
             settings[key] = data.get(key, {})
-        return cls(path, SessionConfig.from_dict(settings), meta)
+        try:
+            config = SessionConfig.from_dict(settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{toml_path}: {exc}; correct it in the file") from exc
+        provenance = {k: v for k, v in tables["plugins"].items() if isinstance(v, dict)}
+        return cls(path, config, tables["meta"], provenance)
 
     def save_settings(self) -> None:
         """Write session.toml (atomically)."""
@@ -267,37 +459,232 @@ class Session:
             "meta": self.meta,
             **options,
         }
+        if self.provenance:
+            document["plugins"] = self.provenance
         _atomic_write(self.toml_path, tomli_w.dumps(_without_none(document)))
 
     # -- history -----------------------------------------------------------------------
-    def append_history(self, record: dict[str, Any]) -> None:
-        """Append one round's record to history.jsonl and fsync it."""
-        with open(self.history_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=False) + "\n")
+    def _read_history(self) -> tuple[list[dict[str, Any]], int | None, bool]:
+        """The intact records, where a broken tail starts (None: intact) and whether the
+        file lacks its final newline after a complete record."""
+        try:
+            raw = self.history_path.read_bytes()
+        except FileNotFoundError:
+            return [], None, False
+        except OSError as exc:
+            raise SessionError(
+                f"cannot read {self.history_path} ({exc.strerror}); check its permissions"
+            ) from exc
+        records: list[dict[str, Any]] = []
+        lines = raw.split(b"\n")
+        offset = 0
+        for number, line in enumerate(lines, start=1):
+            start, offset = offset, offset + len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+                continue
+            if any(rest.strip() for rest in lines[number:]):
+                raise SessionError(
+                    f"{self.history_path} line {number} is damaged (not a round record) and "
+                    "more records follow it; restore the file from a backup (the answers in "
+                    f"{self.store_path.name} are not affected)"
+                )
+            return records, start, False
+        return records, None, bool(raw) and not raw.endswith(b"\n")
+
+    def history(self) -> list[dict[str, Any]]:
+        """The finished rounds, in order (a half-written last line is not a round: it is
+        left out here and cut off by :meth:`repair_history` before the next append)."""
+        return self._read_history()[0]
+
+    def repair_history(self) -> None:
+        """Cut a half-written last line off ``history.jsonl`` (saying so), so the next record
+        starts on a line of its own. Only a writer (holding the session lock) calls this."""
+        records, broken, unterminated = self._read_history()
+        if broken is None and not unterminated:
+            return
+        with open(self.history_path, "r+b") as handle:
+            if broken is not None:
+                size = handle.seek(0, os.SEEK_END)
+                handle.truncate(broken)
+                self.notify(
+                    f"{self.history_path} ended in a half-written record ({size - broken} "
+                    f"bytes); removed it, {len(records)} finished rounds remain (round "
+                    f"{len(records)} is finished again from its saved answers)"
+                )
+            else:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())
 
-    def history(self) -> list[dict[str, Any]]:
-        """The finished rounds, in order (a half-written last line is ignored)."""
-        if not self.history_path.exists():
-            return []
-        records = []
-        for line in self.history_path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+    def append_history(self, record: dict[str, Any]) -> None:
+        """Append one round's record to history.jsonl and fsync it (after cutting off a
+        half-written last line, if any)."""
+        self.repair_history()
+        line = json.dumps(record, sort_keys=False, default=_json_default) + "\n"
+        with open(self.history_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    # -- progress, in the words every command uses ------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """Whether every round (the initial round 0 and ``rounds`` more) is finished."""
+        return len(self.history()) >= 1 + self.config.rounds
+
+    def next_round_text(self) -> str:
+        """``"next: round 2 of 5"`` (rounds are numbered 0, the initial set, to ``rounds``,
+        as ``anneal-geo label`` numbers them), or ``"no round left"``."""
+        done, last = len(self.history()), self.config.rounds
+        if done > last:
+            return "no round left"
+        return f"next: round {done} of {last}" + (" (the initial set)" if done == 0 else "")
+
+    def round_progress(self) -> str:
+        """``"rounds finished: 2 of 6; next: round 2 of 5"``, in the words every command
+        uses (``session status``, ``resume``, ``run``)."""
+        done, last = len(self.history()), self.config.rounds
+        text = f"rounds finished: {done} of {last + 1}"
+        if done > last:
+            return f"{text} (round 0, the initial set, to round {last})"
+        return f"{text}; {self.next_round_text()}"
+
+    @staticmethod
+    def answers_text(counts: Mapping[str, int], log: Mapping[str, int] | None = None) -> str:
+        """``"6 answers stand (3 similar, 2 dissimilar, 1 skipped); 10 saved in all (8
+        answers, 2 undos)"``: ``anneal-geo label`` numbers what it saves (``saved answer
+        10``) over the whole log, undos included; the answers that stand are those not
+        undone, one per pair."""
+        stand = int(sum(counts.values()))
+        text = (
+            f"{stand} answers stand ({counts.get('similar', 0)} similar, "
+            f"{counts.get('dissimilar', 0)} dissimilar, {counts.get('skipped', 0)} skipped)"
+        )
+        if log is not None:
+            answers, undos = int(log.get("answers", stand)), int(log.get("undos", 0))
+            if answers != stand or undos:
+                undone = f"{undos} undo" + ("" if undos == 1 else "s")
+                text += f"; {answers + undos} saved in all ({answers} answers, {undone})"
+        return text
+
+    # -- answers the session knows it had -------------------------------------------------
+    def expected_answers(self) -> int:
+        """How many answers (similar, dissimilar, skipped) the last finished round counted."""
+        history = self.history()
+        if not history:
+            return 0
+        last = history[-1]
+        return int(last.get("queried_pairs", 0)) + int(last.get("skipped_pairs", 0))
+
+    def check_store_file(self) -> None:
+        """Refuse a missing or emptied ``annotations.sqlite`` when the session had begun.
+
+        Raises:
+            SessionError: the store is gone or 0 bytes while ``history.jsonl`` records
+                finished rounds or ``pending.json`` a round in progress.
+        """
+        path = self.store_path
+        state = "missing" if not path.exists() else "empty (0 bytes)"
+        if path.exists() and path.stat().st_size > 0:
+            return
+        rounds = len(self.history())
+        if rounds:
+            had = (
+                f"the session had {self.expected_answers()} answers after {rounds} finished "
+                f"rounds ({self.history_path.name})"
+            )
+        elif self.pending_path.exists():
+            had = f"the session had begun round 0 ({self.pending_path.name})"
+        else:
+            return  # a new session: the store is created now
+        raise SessionError(
+            f"{path} is {state} but {had}; restore annotations.sqlite from a backup (nothing "
+            "was written), or start a new session"
+        )
+
+    def check_store_counts(self, counts: Mapping[str, int]) -> None:
+        """Refuse a store holding fewer answers than the last finished round counted."""
+        have = int(sum(counts.values()))
+        expected = self.expected_answers()
+        if have < expected:
+            raise SessionError(
+                f"{self.store_path} holds {have} answers but the session had {expected} "
+                f"after round {len(self.history()) - 1} ({self.history_path.name}); the file "
+                "was replaced or cut short: restore it from a backup (nothing was written)"
+            )
 
     # -- the round in progress -----------------------------------------------------------
-    def save_pending(self, round_index: int, pairs: list[list[int]]) -> None:
-        _atomic_write(self.pending_path, json.dumps({"round": round_index, "pairs": pairs}))
+    def save_pending(
+        self, round_index: int, pairs: list[list[int]], stats: dict[str, Any] | None = None
+    ) -> None:
+        """Write the round's pairs (and how they were selected) before any is asked."""
+        document: dict[str, Any] = {"round": round_index, "pairs": pairs}
+        if stats:
+            document["stats"] = stats
+        _atomic_write(self.pending_path, json.dumps(document, default=_json_default))
 
-    def load_pending(self) -> tuple[int, list[list[int]]] | None:
-        if not self.pending_path.exists():
+    def _pending_document(self) -> dict[str, Any] | None:
+        path = self.pending_path
+        if not path.exists():
             return None
-        data = json.loads(self.pending_path.read_text(encoding="utf-8"))
-        return int(data["round"]), [list(map(int, p)) for p in data["pairs"]]
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._damaged_pending(f"not readable JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+            raise self._damaged_pending("no 'round' and 'pairs'")
+        round_index = data.get("round")
+        if not isinstance(round_index, int) or isinstance(round_index, bool) or round_index < 0:
+            raise self._damaged_pending(f"round {round_index!r} is not a round number")
+        return data
+
+    def _damaged_pending(self, why: str) -> SessionError:
+        return SessionError(
+            f"{self.pending_path} is damaged ({why}); delete it and run the command again: "
+            "the round is then completed around the answers already given, within its budget"
+        )
+
+    def load_pending(self, n_patches: int | None = None) -> tuple[int, list[list[int]]] | None:
+        """The round in progress and its pairs, or None.
+
+        Args:
+            n_patches: the pool size, to check the patch ids against.
+
+        Raises:
+            SessionError: ``pending.json`` is damaged (the message names it).
+        """
+        data = self._pending_document()
+        if data is None:
+            return None
+        pairs: list[list[int]] = []
+        for number, pair in enumerate(data["pairs"]):
+            ok = (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            )
+            if not ok:
+                raise self._damaged_pending(f"pair {number} is {pair!r}, not two patch ids")
+            i, j = int(pair[0]), int(pair[1])
+            if i < 0 or j < 0 or i == j or (n_patches is not None and max(i, j) >= n_patches):
+                limit = "" if n_patches is None else f" of a {n_patches}-patch pool"
+                raise self._damaged_pending(f"pair {number} ({i}, {j}) is not a pair{limit}")
+            pairs.append([i, j])
+        return int(data["round"]), pairs
+
+    def pending_stats(self) -> dict[str, Any]:
+        """How the pending round's pairs were selected (empty for files without it)."""
+        data = self._pending_document()
+        stats = data.get("stats") if data is not None else None
+        return dict(stats) if isinstance(stats, dict) else {}
 
     def clear_pending(self) -> None:
         self.pending_path.unlink(missing_ok=True)
@@ -306,12 +693,26 @@ class Session:
     def save_split(self, archive: list[int], query: list[int]) -> None:
         _atomic_write(self.split_path, json.dumps({"archive": archive, "query": query}))
 
-    def load_split(self) -> tuple[list[int], list[int]] | None:
+    def load_split(self, n_patches: int | None = None) -> tuple[list[int], list[int]] | None:
+        """The archive and query patch ids, or None; SessionError naming a damaged file."""
         if not self.split_path.exists():
             return None
-        data = json.loads(self.split_path.read_text(encoding="utf-8"))
-        return list(data["archive"]), list(data["query"])
+        try:
+            data = json.loads(self.split_path.read_text(encoding="utf-8"))
+            archive, query = list(data["archive"]), list(data["query"])
+            ids = archive + query
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError("ids must be patch numbers")
+            if n_patches is not None and ids and max(ids) >= n_patches:
+                raise ValueError(f"patch id {max(ids)} is outside the {n_patches}-patch pool")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise SessionError(
+                f"{self.split_path} is damaged ({exc}); restore it from a backup (it fixes "
+                "which patches are held out for evaluation)"
+            ) from exc
+        return archive, query
 
+    # -- checkpoints ---------------------------------------------------------------------
     def checkpoint_path(self, round_index: int) -> Path:
         return self.checkpoint_dir / f"round_{round_index:04d}.pt"
 
@@ -321,3 +722,24 @@ class Session:
             return None
         last = found[-1]
         return int(last.stem.split("_")[1]), last
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's state dict (``weights_only``); SessionError naming a damaged file."""
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise self._damaged_checkpoint(path, reason) from exc
+        if not isinstance(state, dict) or "model" not in state:
+            raise self._damaged_checkpoint(path, "no model state in it")
+        return state
+
+    def _damaged_checkpoint(self, path: Path, reason: str) -> SessionError:
+        return SessionError(
+            f"{path} is damaged ({reason[:160]}); delete it to resume from the checkpoint "
+            "before it, or restore it from a backup"
+        )

@@ -199,11 +199,10 @@ def test_unknown_plugin_lists_known_ones(ms_pool, tmp_path):
 def test_budget_larger_than_candidates(ms_pool, tmp_path):
     pool, pool_dir = ms_pool
     session = new_session(tmp_path, pool_dir, budget=1_000_000, rounds=1)
-    with (
-        Engine(session, pool, progress=False) as engine,
-        pytest.raises(ConfigError, match="budget of 1000000 pairs per round is larger than"),
-    ):
-        engine.run()
+    # Refused when the engine opens the session, before the initial set is asked.
+    with pytest.raises(ConfigError, match="budget of 1000000 pairs per round is larger than"):
+        Engine(session, pool, progress=False)
+    assert not session.store_path.exists() and not session.pending_path.exists()
 
 
 def test_oracle_refuses_one_class_pool(tmp_path):

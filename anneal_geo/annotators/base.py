@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from anneal_geo._options import check_options
 from anneal_geo._validate import plugin_label
 from anneal_geo.errors import AnnealError, PluginError
 
@@ -33,6 +34,12 @@ class Annotator(ABC):
     each answer to the session's PairStore as soon as it is yielded, before asking for
     the next one, so an answer once given survives a crash or Ctrl-C.
 
+    Args:
+        seed: seed of every random source the annotator uses.
+        **options: the annotator's own options: the keyword parameters of the subclass's
+            ``__init__`` and its ``declared_options``; any other name is refused with a
+            ConfigError listing the accepted ones (see :mod:`anneal_geo._options`).
+
     Capabilities (class attributes):
         interactive: a person answers (the engine then never retries a pair silently).
         needs_labels: the annotator reads the pool's labels (a simulated oracle).
@@ -43,8 +50,13 @@ class Annotator(ABC):
     contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
+    #: Options read from ``**options`` rather than named in ``__init__`` (name -> default).
+    declared_options: ClassVar[Mapping[str, Any]] = {}
+    _contract_base: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0, **options: Any) -> None:
+        cls = type(self)
+        check_options(cls, options, "annotator", cls.__dict__.get("plugin_name", ""))
         self.seed = int(seed)
         self.options = options
 

@@ -56,6 +56,11 @@ class ResNet18Backbone(Backbone):
     """
 
     trainable: ClassVar[bool] = True
+    declared_options: ClassVar[Mapping[str, Any]] = {
+        "weights_bands": None,
+        "normalize": "auto",
+        "allow_download": True,
+    }
 
     def __init__(self, seed: int = 0, weights: str | None = None, **options: Any) -> None:
         super().__init__(seed=seed, weights=weights, **options)

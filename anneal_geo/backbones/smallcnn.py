@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from anneal_geo.backbones.base import Backbone
@@ -36,6 +36,11 @@ class SmallCNNBackbone(Backbone):
     """
 
     trainable: ClassVar[bool] = True
+    declared_options: ClassVar[Mapping[str, Any]] = {
+        "widths": [32, 64, 128, 256],
+        "convs_per_block": 1,
+        "downsample": "stride",
+    }
 
     def __init__(self, seed: int = 0, weights: str | None = None, **options: Any) -> None:
         super().__init__(seed=seed, weights=weights, **options)

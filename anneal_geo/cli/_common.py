@@ -28,11 +28,13 @@ SAMPLE_TILES = Path(__file__).resolve().parents[2] / "sample_tiles"
 DEFAULT_DATA = SAMPLE_TILES / "eurosat_ms"
 
 
-def load_pool(source: Path, bands: list[str] | None = None) -> Any:
+def load_pool(
+    source: Path, bands: list[str] | None = None, *, nan_as_nodata: bool = False
+) -> Any:
     """A :class:`~anneal_geo.data.pool.PatchPool` from any accepted source, band-selected."""
     from anneal_geo.data.pool import PatchPool
 
-    pool = PatchPool.load(source)
+    pool = PatchPool.load(source, nan_as_nodata=nan_as_nodata)
     return pool.select_bands(bands) if bands else pool
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from anneal_geo.cli._common import load_pool, split_bands
+from anneal_geo.errors import ConfigError
 
 __all__ = ["app"]
 
@@ -40,21 +41,40 @@ def pool_build(
         "--max-nodata",
         help="Tiles: skip patches with more than this share of nodata or cloud pixels.",
     ),
+    nan_as_nodata: bool = typer.Option(
+        False,
+        "--nan-as-nodata",
+        help="Treat NaN pixels of float rasters as nodata: fill each with its band's mean "
+        "(without it, NaN is an error naming the files).",
+    ),
 ) -> None:
     """Read the rasters once into a pool directory (pool.json, patches.npy, footprints.gpkg).
 
-    A folder of Sentinel-2 tiles (one file per band, e.g. Major TOM's B04.tif, or multi-band
-    scenes) is cut into patches through TorchGeo; so is any source given --patch-size,
-    --stride or --res.
+    A BigEarthNet folder (<patch>/<patch>_B02.tif ...) is read as BigEarthNet (120 px
+    patches at 10 m, multi-labels from the JSON). A folder of Sentinel-2 tiles (one file per
+    band, e.g. Major TOM's B04.tif, or multi-band scenes) is cut into patches through
+    TorchGeo; so is any source given --patch-size, --stride or --res.
     """
     import time
 
+    from anneal_geo.data.bigearthnet import is_bigearthnet
+    from anneal_geo.data.pool import PatchPool
     from anneal_geo.data.tiles import is_tile_archive
 
     t0 = time.perf_counter()
-    if any(v is not None for v in (patch_size, stride, res)) or is_tile_archive(source):
-        from anneal_geo.data.pool import PatchPool
-
+    cut = any(v is not None for v in (patch_size, stride, res))
+    if is_bigearthnet(source) and not (source / "pool.json").is_file():
+        # Checked before the tile layout: a BigEarthNet patch folder also holds one file
+        # per band, but its patches are ready-cut and labelled.
+        if cut:
+            raise ConfigError(
+                f"{source} is a BigEarthNet folder of ready-cut 120 px patches; "
+                "--patch-size, --stride and --res apply to tile archives only"
+            )
+        pool = PatchPool.from_bigearthnet(source, nan_as_nodata=nan_as_nodata)
+        if bands:
+            pool = pool.select_bands(split_bands(bands) or [])
+    elif cut or is_tile_archive(source):
         pool = PatchPool.from_tiles(
             source,
             64 if patch_size is None else patch_size,
@@ -64,9 +84,10 @@ def pool_build(
             cloud_mask=None if cloud_mask.lower() == "none" else cloud_mask,
             max_nodata=max_nodata,
             on_report=lambda report: typer.echo(report.summary()),
+            nan_as_nodata=nan_as_nodata,
         )
     else:
-        pool = load_pool(source, split_bands(bands))
+        pool = load_pool(source, split_bands(bands), nan_as_nodata=nan_as_nodata)
     pool.save(out)
     typer.echo(f"built {len(pool)} patches in {time.perf_counter() - t0:.1f} s -> {out}")
     typer.echo(pool.describe())

@@ -10,6 +10,7 @@ Ctrl-C exits with 130 after saying what was kept.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -26,6 +27,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _no_type_after_flags() -> None:
+    """typer's help panels print a type after every option, flags included (``--version
+    <bool>``, ``--help <bool>``), which reads as if the flag took a value: show none."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_untyped", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich.flags_untyped = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_type_after_flags()
 
 
 def _version(value: bool) -> None:

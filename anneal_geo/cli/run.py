@@ -1,16 +1,26 @@
-"""`anneal-geo run` and `anneal-geo resume`: the ANNEAL loop on a pool, a table row a round."""
+"""`anneal-geo run` and `anneal-geo resume`: the ANNEAL loop on a pool, a table row a round.
+
+``run`` checks every setting, plugin, option and band against the pool before it creates
+the session directory (:func:`anneal_geo.engine.check_settings`), so a bad setting leaves
+nothing behind. Settings come from the defaults, then ``--config FILE.toml``, then the
+options given on the command line; plugin options from ``--estimator-option KEY=VALUE``
+(and ``--selector-option``, ``--backbone-option``, ``--annotator-option``), values read as
+TOML scalars.
+"""
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from anneal_geo.cli._common import DEFAULT_DATA, load_pool, split_bands
-from anneal_geo.errors import DataError
+from anneal_geo.cli._common import DEFAULT_DATA, load_pool
+from anneal_geo.errors import ConfigError, DataError
 
-__all__ = ["app"]
+__all__ = ["app", "default_out", "read_config_file"]
 
 app = typer.Typer()
 
@@ -28,6 +38,9 @@ _COLUMNS = (
     ("seconds", "total s", "{:>7.2f}"),
 )
 
+#: Plugin settings and their option tables.
+_PLUGINS = ("estimator", "selector", "backbone", "annotator")
+
 
 def _row(record: dict[str, Any]) -> str:
     cells = []
@@ -42,15 +55,20 @@ def _header() -> str:
     return "  ".join(label.rjust(max(len(label), len(fmt.format(0)))) for _, label, fmt in _COLUMNS)
 
 
-def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
+def _run_engine(
+    session: Any, pool: Any, command: str, lock: Any, rounds: int | None = None
+) -> None:
     from anneal_geo.engine import Engine
-
-    typer.echo(_header())
 
     def show(record: dict[str, Any]) -> None:
         typer.echo(_row(record))
 
-    engine = Engine(session, pool, on_round=show)
+    # Progress bars while the engine sets up (trunk features of a large pool take a while),
+    # none once the table starts, so a bar never shares a line with a row.
+    engine = Engine(session, pool, on_round=show, command=command, lock=lock)
+    engine.progress = False
+    typer.echo("", err=True)  # ends the line of the last progress bar (cleared or logged)
+    typer.echo(_header())
     try:
         records = engine.run(rounds)
     except KeyboardInterrupt:
@@ -66,7 +84,8 @@ def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
     done = len(session.history())
     if done < 1 + session.config.rounds:
         typer.echo(
-            f"paused after {done} rounds; continue with `anneal-geo resume {session.directory}`"
+            f"paused after {done} rounds; {session.next_round_text()}; continue with "
+            f"`anneal-geo resume {session.directory}`"
         )
     elif records:
         last = records[-1]
@@ -76,8 +95,54 @@ def _run_engine(session: Any, pool: Any, rounds: int | None = None) -> None:
         )
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a ``--config`` TOML file, as :class:`SessionConfig` keyword arguments.
+
+    The file holds settings at its top level (``budget = 50``) or under ``[settings]`` (so
+    a session's own ``session.toml`` works too), and plugin options as tables
+    (``[estimator_options]``, ...).
+
+    Raises:
+        ConfigError: unreadable TOML or an unknown setting (the message names the file).
+    """
+    from anneal_geo.session import SessionConfig
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist; give a TOML file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not readable TOML ({exc})") from exc
+    settings = dict(data.pop("settings", {}) if isinstance(data.get("settings"), dict) else {})
+    for key in ("session_format", "anneal_geo_version", "meta", "plugins"):
+        data.pop(key, None)  # the rest of a session.toml
+    settings.update(data)
+    known = {f.name for f in fields(SessionConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(
+            f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    return settings
+
+
+def default_out(source: Path, estimator: str, selector: str, backbone: str, seed: int) -> Path:
+    """``runs/<data>-<estimator>-<selector>-<backbone>-seed<seed>``: two runs on different
+    data get different sessions."""
+    name = source.resolve().name or "data"
+    return Path("runs") / f"{name}-{estimator}-{selector}-{backbone}-seed{seed}"
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 @app.command("run")
 def run(
+    ctx: typer.Context,
     data: Path | None = typer.Option(
         None,
         help="Class-per-folder directory, BigEarthNet folder or pool directory "
@@ -99,59 +164,126 @@ def run(
     budget: int = typer.Option(100, help="Pairs asked per round (b)."),
     initial: int = typer.Option(100, help="Pairs in the initial set (b0)."),
     seed: int = typer.Option(0, help="Seed of every random source."),
-    out: Path | None = typer.Option(None, help="Session directory (default: runs/<settings>)."),
-    candidates: str = typer.Option("auto", help="Candidate pairs: auto, exhaustive or knn."),
+    out: Path | None = typer.Option(
+        None, help="Session directory (default: runs/<data>-<estimator>-<selector>-<backbone>-"
+        "seed<seed>)."
+    ),
+    candidates: str = typer.Option(
+        "auto", help="Candidate pairs: auto, exhaustive, knn or uniform."
+    ),
     train_mode: str = typer.Option(
         "head", help="head (cached trunk features) or full fine-tuning."
     ),
     epochs: int = typer.Option(30, help="Training epochs per round."),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
-) -> None:
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="A TOML file of settings (any setting of session.toml, e.g. knn_k = 20, and "
+        "[estimator_options] tables); options given here win over it.",
+    ),
+    estimator_option: list[str] | None = typer.Option(
+        None, "--estimator-option", metavar="KEY=VALUE",
+        help="An estimator option, value as TOML (repeatable), e.g. threshold=midpoint.",
+    ),
+    selector_option: list[str] | None = typer.Option(
+        None, "--selector-option", metavar="KEY=VALUE",
+        help="A selector option (repeatable), e.g. pick=centroid.",
+    ),
+    backbone_option: list[str] | None = typer.Option(
+        None, "--backbone-option", metavar="KEY=VALUE",
+        help="A backbone option (repeatable), e.g. 'widths=[16,32]'.",
+    ),
+    annotator_option: list[str] | None = typer.Option(
+        None, "--annotator-option", metavar="KEY=VALUE",
+        help="An annotator option (repeatable), e.g. noise=0.1.",
+    ),
+) -> None:  # fmt: skip
     """Run ANNEAL: initial pairs, then ROUNDS rounds of select -> annotate -> train -> evaluate.
 
     Prints a table row per round and writes OUT/history.jsonl. `--estimator random
-    --selector random` is the random-pairs baseline.
+    --selector random` is the random-pairs baseline. Every setting, plugin and band is
+    checked before OUT is created.
     """
+    from anneal_geo._options import parse_assignments
+    from anneal_geo.cli._common import split_bands
+    from anneal_geo.engine import check_settings
+    from anneal_geo.lock import SessionLock
     from anneal_geo.session import Session, SessionConfig
 
-    source = data if data is not None else DEFAULT_DATA
+    settings: dict[str, Any] = read_config_file(config) if config is not None else {}
+    from_config = set(settings)
+    given = {
+        "data": data,
+        "estimator": estimator,
+        "selector": selector,
+        "backbone": backbone,
+        "annotator": annotator,
+        "rounds": rounds,
+        "budget": budget,
+        "initial": initial,
+        "seed": seed,
+        "candidates": candidates,
+        "train_mode": train_mode,
+        "epochs": epochs,
+        "bands": split_bands(bands),
+    }
+    for name, value in given.items():
+        if _given(ctx, name) or name not in settings:
+            settings[name] = value
+    items = {
+        "estimator": estimator_option,
+        "selector": selector_option,
+        "backbone": backbone_option,
+        "annotator": annotator_option,
+    }
+    for plugin, assignments in items.items():
+        table = f"{plugin}_options"
+        options = dict(settings.get(table) or {})
+        options.update(parse_assignments(assignments or [], f"--{plugin}-option"))
+        if plugin == "annotator" and _given(ctx, "noise"):
+            options["noise"] = noise
+        settings[table] = options
+
+    source = Path(settings.pop("data") or DEFAULT_DATA)
     if not source.exists():
         raise DataError(
             f"data path {source} does not exist; pass --data with a class-per-folder "
             "directory, a BigEarthNet folder or a pool directory"
         )
-    config = SessionConfig(
-        data=str(source.resolve()),
-        estimator=estimator,
-        selector=selector,
-        backbone=backbone,
-        annotator=annotator,
-        rounds=rounds,
-        budget=budget,
-        initial=initial,
-        seed=seed,
-        candidates=candidates,
-        train_mode=train_mode,
-        epochs=epochs,
-        bands=split_bands(bands),
-        annotator_options={"noise": noise} if annotator == "oracle" and noise else {},
-    ).validate()
+    try:
+        cfg = SessionConfig(data=str(source.resolve()), **settings).validate()
+    except ConfigError as exc:
+        from_file = [k for k in from_config if f"'{k}'" in str(exc)]
+        if config is None or not from_file:
+            raise
+        raise ConfigError(f"--config {config}: {exc}") from exc
     out_dir = (
-        out if out is not None else Path("runs") / f"{estimator}-{selector}-{backbone}-seed{seed}"
+        out
+        if out is not None
+        else default_out(source, cfg.estimator, cfg.selector, cfg.backbone, cfg.seed)
     )
+    if (out_dir / "session.toml").exists():
+        raise ConfigError(
+            f"{out_dir} already holds a session; continue it with `anneal-geo resume {out_dir}` "
+            "or choose another --out"
+        )
     pool = load_pool(source)
+    # Everything is checked before the session directory exists.
+    provenance = check_settings(cfg, pool)
     is_pool_dir = (source / "pool.json").is_file()
     meta: dict[str, Any] = {"pool_dir": str(source.resolve())} if is_pool_dir else {}
     meta["pool_fingerprint"] = pool.fingerprint
-    session = Session.create(out_dir, config, meta)
-    if not is_pool_dir:
-        pool.save(session.pool_dir)
-    typer.echo(
-        f"session {out_dir}: {len(pool)} patches, {pool.n_bands} bands, "
-        f"{estimator} + {selector}, backbone {backbone}, seed {seed}"
-    )
-    _run_engine(session, pool)
+    session = Session.create(out_dir, cfg, meta, provenance=provenance)
+    with SessionLock(session.directory, "anneal-geo run") as lock:
+        if not is_pool_dir:
+            pool.save(session.pool_dir)
+        typer.echo(
+            f"session {out_dir}: {len(pool)} patches, {pool.n_bands} bands, "
+            f"{cfg.estimator} + {cfg.selector}, backbone {cfg.backbone}, seed {cfg.seed}"
+        )
+        _run_engine(session, pool, "anneal-geo run", lock)
 
 
 @app.command("resume")
@@ -161,12 +293,25 @@ def resume(
 ) -> None:
     """Continue an interrupted session: no answer lost, no pair asked twice."""
     from anneal_geo.data.pool import PatchPool
+    from anneal_geo.lock import SessionLock
     from anneal_geo.session import Session
 
     session = Session.open(session_dir)
-    if rounds is not None:
-        session.config.rounds = max(session.config.rounds, len(session.history()) - 1 + rounds)
-        session.save_settings()
-    pool = PatchPool.open(session.pool_dir)
-    typer.echo(f"resuming {session_dir} after {len(session.history())} finished rounds")
-    _run_engine(session, pool, rounds)
+    if rounds is None and session.finished:
+        typer.echo(
+            f"session {session_dir} is finished ({session.round_progress()}): nothing left to "
+            f"do; run more rounds with `anneal-geo resume {session_dir} --rounds N`"
+        )
+        return
+    with SessionLock(session.directory, "anneal-geo resume") as lock:
+        if rounds is not None:
+            if rounds < 1:
+                raise ConfigError(f"--rounds {rounds}: give 1 or more rounds to run")
+            session = Session.open(session_dir)  # as it is now that no one else writes
+            session.config.rounds = max(
+                session.config.rounds, len(session.history()) - 1 + rounds
+            )
+            session.save_settings()
+        pool = PatchPool.open(session.pool_dir)
+        typer.echo(f"resuming {session_dir}: {session.round_progress()}")
+        _run_engine(session, pool, "anneal-geo resume", lock, rounds)

@@ -13,7 +13,10 @@ app = typer.Typer(name="session", help="Inspect sessions.", no_args_is_help=True
 
 @app.command("status")
 def session_status(session_dir: Path = typer.Argument(..., help="A session directory.")) -> None:
-    """Rounds, answers (similar/dissimilar/skipped), implied pairs, last metrics."""
+    """Rounds, answers (similar/dissimilar/skipped), implied pairs, last metrics.
+
+    Reads only: it works while another process labels the session, and changes nothing.
+    """
     from anneal_geo.pairs.store import PairStore
     from anneal_geo.session import Session
 
@@ -21,13 +24,13 @@ def session_status(session_dir: Path = typer.Argument(..., help="A session direc
     history = session.history()
     cfg = session.config
     typer.echo(f"session {session_dir}: {cfg.estimator} + {cfg.selector}, backbone {cfg.backbone}")
-    typer.echo(f"rounds finished: {len(history)} of {1 + cfg.rounds}")
-    with PairStore(session.store_path) as store:
-        counts = store.count_by_answer()
-    typer.echo(
-        f"answers: {counts['similar']} similar, {counts['dissimilar']} dissimilar, "
-        f"{counts['skipped']} skipped"
-    )
+    typer.echo(session.round_progress())
+    if session.store_path.is_file():
+        with PairStore(session.store_path, read_only=True) as store:
+            counts, log = store.count_by_answer(), store.log_counts()
+        typer.echo(f"answers: {Session.answers_text(counts, log)}")
+    else:
+        typer.echo("answers: none yet")
     if history:
         last = history[-1]
         typer.echo(

@@ -45,6 +45,7 @@ __all__ = [
     "PatchPool",
     "band_statistics",
     "build_pool_cli_summary",
+    "check_nan",
 ]
 
 FORMAT = "anneal-geo-pool"
@@ -118,6 +119,68 @@ def _check_writable(directory: Path) -> None:
         ) from exc
     if not os.access(directory, os.W_OK):
         raise DataError(f"cannot write the pool to {directory} (not writable); choose another")
+
+
+def check_nan(
+    patches: np.ndarray,
+    sources: Sequence[str],
+    bands: Sequence[str],
+    *,
+    fill: bool = False,
+) -> int:
+    """Find NaN pixels in float patches read from rasters; refuse them, or fill them.
+
+    NaN in a pool would make its band statistics NaN and the model's features NaN later,
+    far from the file at fault; so a pool is checked when it is built.
+
+    Args:
+        patches: (N, C, H, W) array, changed in place when ``fill``.
+        sources: per patch, its source file (named in the error).
+        bands: the band names (named when a band has no valid pixel at all).
+        fill: treat NaN as nodata: replace each NaN pixel by its band's mean over the valid
+            pixels of the pool, so it carries no signal once normalised.
+
+    Returns:
+        the number of patches that held NaN (0 for integer patches).
+
+    Raises:
+        DataError: NaN found and not ``fill`` (naming the files and the option), or a band
+            without a single valid pixel.
+    """
+    if patches.dtype.kind != "f" or not len(patches):
+        return 0
+    step = _block_rows(patches)
+    rows: list[np.ndarray] = []
+    total = np.zeros(patches.shape[1], dtype=np.float64)
+    count = np.zeros(patches.shape[1], dtype=np.float64)
+    for start in range(0, patches.shape[0], step):
+        block = np.asarray(patches[start : start + step])
+        bad = np.isnan(block)
+        rows.append(np.flatnonzero(bad.any(axis=(1, 2, 3))) + start)
+        total += np.where(bad, 0.0, block).sum(axis=(0, 2, 3), dtype=np.float64)
+        count += (~bad).sum(axis=(0, 2, 3))
+    found = np.concatenate(rows)
+    if not found.size:
+        return 0
+    files = list(dict.fromkeys(str(sources[int(i)]) for i in found))
+    if not fill:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(
+            f"{found.size} patches hold NaN pixels ({shown}); rebuild with --nan-as-nodata "
+            "(PatchPool.load(..., nan_as_nodata=True)) to treat NaN as nodata, or fix the rasters"
+        )
+    empty = [bands[int(c)] for c in np.flatnonzero(count == 0)]
+    if empty:
+        raise DataError(
+            f"band(s) {', '.join(empty)} hold no valid pixel (all NaN) in {files[0]} and the "
+            "rest of the pool; leave them out with --bands"
+        )
+    mean = (total / count).astype(patches.dtype)
+    for start in range(0, patches.shape[0], step):
+        block = patches[start : start + step]
+        fill_value = np.broadcast_to(mean[None, :, None, None], block.shape)
+        np.copyto(block, fill_value, where=np.isnan(block))
+    return int(found.size)
 
 
 class PatchPool:
@@ -251,8 +314,10 @@ class PatchPool:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def _from_raw(cls, raw: RawPool) -> PatchPool:
+    def _from_raw(cls, raw: RawPool, nan_as_nodata: bool = False) -> PatchPool:
         from anneal_geo.data.footprints import build_footprints
+
+        check_nan(raw.patches, raw.sources, raw.bands, fill=nan_as_nodata)
 
         georefs = raw.georefs
         located = [g for g in georefs if g is not None]
@@ -279,7 +344,9 @@ class PatchPool:
         return pool
 
     @classmethod
-    def from_folder(cls, path: str | Path, bands: Sequence[str] | None = None) -> PatchPool:
+    def from_folder(
+        cls, path: str | Path, bands: Sequence[str] | None = None, *, nan_as_nodata: bool = False
+    ) -> PatchPool:
         """Read a class-per-folder archive (``<path>/<Class>/*.tif|jpg|png``).
 
         Args:
@@ -287,27 +354,30 @@ class PatchPool:
             bands: band names in file order; inferred when None (13 bands: EuroSAT-MS order
                 with B8A last; 12: Level-2A order without B10; 3-band 8-bit: B04, B03, B02;
                 band descriptions win when they are band names).
+            nan_as_nodata: fill NaN pixels of float rasters (see :func:`check_nan`);
+                without it NaN is a DataError naming the files.
 
         Returns:
             a single-label pool (or unlabelled, for a flat folder of images).
         """
         from anneal_geo.data.folders import read_class_folders
 
-        return cls._from_raw(read_class_folders(path, bands))
+        return cls._from_raw(read_class_folders(path, bands), nan_as_nodata)
 
     @classmethod
-    def from_bigearthnet(cls, path: str | Path) -> PatchPool:
+    def from_bigearthnet(cls, path: str | Path, *, nan_as_nodata: bool = False) -> PatchPool:
         """Read BigEarthNet-S2 patch folders, resampled to the 10 m grid (float32, 12 bands).
 
         Args:
             path: the folder holding ``<patch>/<patch>_<BAND>.tif`` folders.
+            nan_as_nodata: as for :meth:`from_folder`.
 
         Returns:
             a multi-label pool (unlabelled when no label JSON files exist).
         """
         from anneal_geo.data.bigearthnet import read_bigearthnet
 
-        return cls._from_raw(read_bigearthnet(path))
+        return cls._from_raw(read_bigearthnet(path), nan_as_nodata)
 
     @classmethod
     def from_tiles(
@@ -316,6 +386,7 @@ class PatchPool:
         patch_size: int = 64,
         *,
         on_report: Callable[[Any], None] | None = None,
+        nan_as_nodata: bool = False,
         **options: Any,
     ) -> PatchPool:
         """Cut a folder of Sentinel-2 tiles into patches through TorchGeo (unlabelled).
@@ -325,6 +396,8 @@ class PatchPool:
             patch_size: patch side in pixels.
             on_report: called with the :class:`~anneal_geo.data.tiles.IngestReport`
                 (patches read, kept, skipped as nodata or cloud).
+            nan_as_nodata: fill the NaN pixels left in kept patches (NaN already counts as
+                nodata when patches are skipped); without it they are a DataError.
             **options: ``stride``, ``bands``, ``res``, ``cloud_mask``, ``max_nodata``,
                 ``read_block``, ``num_workers``, ``progress`` of
                 :func:`~anneal_geo.data.tiles.read_tiles`.
@@ -334,6 +407,7 @@ class PatchPool:
         read = read_tiles(path, patch_size, **options)
         if on_report is not None:
             on_report(read.report)
+        check_nan(read.patches, read.sources, read.bands, fill=nan_as_nodata)
         return cls(
             read.patches,
             read.bands,
@@ -345,7 +419,9 @@ class PatchPool:
         )
 
     @classmethod
-    def load(cls, source: str | Path, bands: Sequence[str] | None = None) -> PatchPool:
+    def load(
+        cls, source: str | Path, bands: Sequence[str] | None = None, *, nan_as_nodata: bool = False
+    ) -> PatchPool:
         """Open a pool directory, or read a BigEarthNet or class-folder archive.
 
         Args:
@@ -354,6 +430,7 @@ class PatchPool:
                 archive.
             bands: band names for a class-folder archive, the bands to read from a tile
                 archive (ignored otherwise).
+            nan_as_nodata: fill NaN pixels of float rasters (see :func:`check_nan`).
 
         Raises:
             DataError: ``source`` is none of the accepted layouts.
@@ -366,10 +443,10 @@ class PatchPool:
         if (source / POOL_FILE).is_file():
             return cls.open(source)
         if is_bigearthnet(source):
-            return cls.from_bigearthnet(source)
+            return cls.from_bigearthnet(source, nan_as_nodata=nan_as_nodata)
         if is_tile_archive(source):
             # Tiles are cut into 64 px patches here; `pool build --patch-size` chooses.
-            return cls.from_tiles(source, bands=bands)
+            return cls.from_tiles(source, bands=bands, nan_as_nodata=nan_as_nodata)
         try:
             find_class_folders(source)
         except DataError as exc:
@@ -379,7 +456,7 @@ class PatchPool:
                 "scenes) or a class-folder archive (<Class>/*.tif|*.jpg|*.png); "
                 "point to one of these"
             ) from exc
-        return cls.from_folder(source, bands)
+        return cls.from_folder(source, bands, nan_as_nodata=nan_as_nodata)
 
     # ------------------------------------------------------------------ saving
 

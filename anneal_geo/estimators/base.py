@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
+from anneal_geo._options import check_options
 from anneal_geo._validate import check_array, plugin_label
 from anneal_geo.errors import PluginError
 
@@ -26,7 +28,9 @@ class Estimator(ABC):
 
     Args:
         seed: seed of every random source the estimator uses.
-        **options: estimator-specific settings (ignored by the base class).
+        **options: the estimator's own options: the keyword parameters of the subclass's
+            ``__init__`` and its ``declared_options``; any other name is refused with a
+            ConfigError listing the accepted ones (see :mod:`anneal_geo._options`).
 
     Capabilities (class attributes, read by the engine instead of type checks):
         needs_labels: ``fit`` must see at least one similar and one dissimilar pair.
@@ -42,8 +46,13 @@ class Estimator(ABC):
     contract_version: ClassVar[int] = CONTRACT_VERSION
     plugin_name: ClassVar[str] = ""
     plugin_origin: ClassVar[str] = ""
+    #: Options read from ``**options`` rather than named in ``__init__`` (name -> default).
+    declared_options: ClassVar[Mapping[str, Any]] = {}
+    _contract_base: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0, **options: Any) -> None:
+        cls = type(self)
+        check_options(cls, options, "estimator", cls.__dict__.get("plugin_name", ""))
         self.seed = int(seed)
         self.options = options
 

@@ -86,29 +86,42 @@ class PairStore:
 
     Args:
         path: the SQLite file; created (with its tables) when missing.
+        read_only: open an existing file for reading only (``session status``, queries):
+            nothing is created or written, and writing raises SessionError. A reader never
+            waits for a writer (WAL journal).
 
     Raises:
         SessionError: the file is not a PairStore this version can read (not SQLite, or a
-            newer or unknown ``schema_version``).
+            newer or unknown ``schema_version``), or ``read_only`` and it does not exist.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = bool(read_only)
         if not self.path.parent.is_dir():
             raise SessionError(
                 f"{self.path}: folder {self.path.parent} does not exist; create the session first"
             )
+        if self.read_only and not self.path.is_file():
+            raise SessionError(f"{self.path} does not exist: the session has no answers store")
         # isolation_level=None: no implicit transactions; each statement commits on its own
         # unless we open one explicitly (undo, schema creation).
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        if self.read_only:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+        else:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
         self._conn: sqlite3.Connection | None = conn
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsynced at every commit, so an acknowledged answer survives
-            # a power cut too, not only a killed process.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._init_schema(conn)
+            if self.read_only:
+                self._check_schema(conn)
+            else:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: the WAL is fsynced at every commit, so an acknowledged answer
+                # survives a power cut too, not only a killed process.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                self._init_schema(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._conn = None
@@ -121,29 +134,35 @@ class PairStore:
             self._conn = None
             raise
 
+    def _check_schema(self, conn: sqlite3.Connection) -> set[str]:
+        """The tables of the file, after checking it is a PairStore of this version."""
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = None if row is None else row[0]
+            if found != str(SCHEMA_VERSION):
+                raise SessionError(
+                    f"{self.path}: PairStore schema_version {found!r} is not supported "
+                    f"(this anneal-geo reads version {SCHEMA_VERSION}); "
+                    "upgrade anneal-geo or use a new session"
+                )
+        elif tables - {"sqlite_sequence"}:
+            raise SessionError(
+                f"{self.path}: SQLite file without a PairStore 'meta' table "
+                f"(tables: {', '.join(sorted(tables))}); use a new file for the session"
+            )
+        elif self.read_only:
+            raise SessionError(f"{self.path} holds no PairStore tables (an empty database)")
+        return tables
+
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         # BEGIN IMMEDIATE takes the write lock, so two processes opening a new file at once
         # cannot both create the schema.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            tables = {
-                row[0]
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if "meta" in tables:
-                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                found = None if row is None else row[0]
-                if found != str(SCHEMA_VERSION):
-                    raise SessionError(
-                        f"{self.path}: PairStore schema_version {found!r} is not supported "
-                        f"(this anneal-geo reads version {SCHEMA_VERSION}); "
-                        "upgrade anneal-geo or use a new session"
-                    )
-            elif tables - {"sqlite_sequence"}:
-                raise SessionError(
-                    f"{self.path}: SQLite file without a PairStore 'meta' table "
-                    f"(tables: {', '.join(sorted(tables))}); use a new file for the session"
-                )
+            self._check_schema(conn)
             # Statement by statement: executescript() would commit our open transaction.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -158,6 +177,11 @@ class PairStore:
             raise
 
     # -- connection ---------------------------------------------------------------------
+
+    def _writable(self) -> sqlite3.Connection:
+        if self.read_only:
+            raise SessionError(f"{self.path} is open read-only; open it as a writer to answer")
+        return self.conn
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -220,7 +244,7 @@ class PairStore:
             raise ValueError(f"round {round!r} must be an integer >= 0")
         # A single INSERT in autocommit mode is its own transaction: committed (and, with
         # synchronous=FULL, fsynced) when execute() returns.
-        cur = self.conn.execute(
+        cur = self._writable().execute(
             "INSERT INTO answers (round, i, j, answer, annotator, created, undoes) "
             "VALUES (?, ?, ?, ?, ?, ?, NULL)",
             (int(round), a, b, code, str(annotator), time.time()),
@@ -241,7 +265,7 @@ class PairStore:
         Returns:
             The pair (i, j) whose answer was undone, or None when there is nothing to undo.
         """
-        conn = self.conn
+        conn = self._writable()
         # IMMEDIATE: the read and the append happen under one write lock, so two writers
         # cannot undo the same answer twice.
         conn.execute("BEGIN IMMEDIATE")
@@ -269,7 +293,7 @@ class PairStore:
         """Store a session-level setting (committed at once); ``schema_version`` is reserved."""
         if key == "schema_version":
             raise ValueError("meta key 'schema_version' is managed by PairStore itself")
-        self.conn.execute(
+        self._writable().execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (str(key), str(value))
         )
 
@@ -338,6 +362,13 @@ class PairStore:
         for code, count in zip(codes.tolist(), freq.tolist(), strict=True):
             counts[ANSWER_NAMES[int(code)]] = int(count)
         return counts
+
+    def log_counts(self) -> dict[str, int]:
+        """Rows of the log: ``answers`` given (undone ones included) and ``undos``."""
+        answers, undos = self.conn.execute(
+            "SELECT COUNT(*) - COUNT(undoes), COUNT(undoes) FROM answers"
+        ).fetchone()
+        return {"answers": int(answers), "undos": int(undos)}
 
     def last_round(self) -> int | None:
         """The highest round with an answer in effect (skips count), None when there is none."""

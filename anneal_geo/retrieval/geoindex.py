@@ -137,20 +137,27 @@ def spectral_embeddings(pool: PatchPool) -> tuple[np.ndarray, dict[str, Any]]:
     return ((features - mean) / std).astype(np.float32), embedder
 
 
-def _session_engine(session_dir: Path, pool: PatchPool) -> Any:
+def _session_engine(session_dir: Path, pool: PatchPool, lock: Any = None) -> Any:
+    """The session's engine: writing under ``lock`` (index building), else read-only (a
+    query embeds images without taking the lock, so it works while someone labels)."""
     from anneal_geo.engine import Engine
     from anneal_geo.session import Session
 
-    return Engine(Session.open(session_dir), pool, progress=False)
+    session = Session.open(session_dir)
+    if lock is None:
+        return Engine(session, pool, progress=False, read_only=True)
+    return Engine(session, pool, progress=False, lock=lock)
 
 
-def _session_embeddings(session_dir: Path) -> tuple[np.ndarray, dict[str, Any], PatchPool]:
+def _session_embeddings(
+    session_dir: Path, lock: Any
+) -> tuple[np.ndarray, dict[str, Any], PatchPool]:
     from anneal_geo.data.pool import PatchPool
     from anneal_geo.session import Session
 
     session = Session.open(session_dir)
     pool = PatchPool.open(session.pool_dir)
-    with _session_engine(session_dir, pool) as engine:
+    with _session_engine(session_dir, pool, lock) as engine:
         embeddings = np.asarray(engine.embeddings, dtype=np.float32)
         bands = list(engine.pool.bands)
     latest = session.latest_checkpoint()
@@ -343,11 +350,20 @@ class GeoIndex:
                 f"{META_FILE} says {meta.get('n')} of {meta.get('dim')}; rebuild the index"
             )
         if pool is None:
-            if not meta.get("pool_dir"):
+            # The pool beside the index wins over the recorded path: an index copied next
+            # to another pool is checked against that pool, not silently used for its own.
+            if (directory / "pool.json").is_file():
+                pool = PatchPool.open(directory)
+            elif (directory / "session.toml").is_file():
+                from anneal_geo.session import Session
+
+                pool = PatchPool.open(Session.open(directory).pool_dir)
+            elif meta.get("pool_dir"):
+                pool = PatchPool.open(meta["pool_dir"])
+            else:
                 raise DataError(
                     f"{meta_path} records no pool directory; pass the pool to GeoIndex.load"
                 )
-            pool = PatchPool.open(meta["pool_dir"])
         if pool.fingerprint != meta.get("pool_fingerprint") or len(pool) != index.ntotal:
             raise DataError(
                 f"the index in {directory} was built from another pool (fingerprint "
@@ -575,7 +591,10 @@ class GeoIndex:
             return ((features - mean) / std).astype(np.float32)
         if embedder["kind"] == "session":
             if self._engine is None:
-                self._engine = _session_engine(Path(embedder["session"]), self.pool)
+                session_dir = Path(embedder["session"])
+                if self.path is not None and (self.path / "session.toml").is_file():
+                    session_dir = self.path  # the session the index lies in
+                self._engine = _session_engine(session_dir, self.pool)
             out = self._engine.trainer.embed_patches(arr)
             return np.asarray(out, dtype=np.float32)
         raise DataError(f"index embedder {embedder['kind']!r} is unknown; rebuild the index")
@@ -683,8 +702,15 @@ def build_index(
 
     source = Path(source)
     if (source / "session.toml").is_file():
-        embeddings, embedder, pool = _session_embeddings(source)
-    elif (source / POOL_FILE).is_file():
+        from anneal_geo.lock import SessionLock
+
+        # Building a session's index writes into the session: one writer at a time.
+        with SessionLock(source, "anneal-geo index") as lock:
+            embeddings, embedder, pool = _session_embeddings(source, lock)
+            index = GeoIndex.build(embeddings, pool, embedder=embedder, kind=kind)
+            index.save(source if out is None else out)
+        return index
+    if (source / POOL_FILE).is_file():
         pool = PatchPool.open(source)
         embeddings, embedder = spectral_embeddings(pool)
     else:

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 
 __all__ = ["check_annotator"]
 
+#: The annotator checks, in the order they run.
+_CHECKS = (
+    "prepare",
+    "annotate",
+    "deterministic",
+    "zero pairs",
+    "one pair",
+    "unlabelled pool",
+)
+
 
 def check_annotator(
     annotator: Any, *, options: dict[str, Any] | None = None, sample: Sample | None = None
@@ -33,7 +43,7 @@ def check_annotator(
 
     Args and raises: as :func:`check_estimator`.
     """
-    return _check("annotators", annotator, _annotator_checks, options, sample)
+    return _check("annotators", annotator, _annotator_checks, options, sample, _CHECKS)
 
 
 def _annotator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sample) -> None:
@@ -66,6 +76,9 @@ def _annotator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sa
         make().prepare(pool)
     with c.check("annotate", critical=True):
         answers = answer(make(), pairs)
+        timed = make()
+        with c.timed(f"annotate {len(pairs)} pairs"):
+            answer(timed, pairs)
         _expect(
             len(answers) == len(pairs),
             f"gave {len(answers)} answers to {len(pairs)} pairs; a non-interactive annotator "

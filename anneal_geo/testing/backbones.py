@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from anneal_geo.errors import AnnealError, PluginError
-from anneal_geo.testing.core import _check
+from anneal_geo.testing.core import _check, global_seeds, global_state
 from anneal_geo.testing.report import ConformanceReport, _Checks, _expect, _same
 from anneal_geo.testing.sample import _PER_CLASS, Sample
 
@@ -14,6 +15,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["check_backbone"]
+
+#: The backbone checks, in the order they run.
+_CHECKS = (
+    "build",
+    "forward",
+    "band subsets",
+    "batch of one",
+    "batch independence",
+    "input unchanged",
+    "deterministic",
+    "only its own seed",
+    "trainable",
+)
 
 
 def check_backbone(
@@ -28,12 +42,13 @@ def check_backbone(
     exception fails; every built module maps a batch to finite float32 (B, out_dim)
     features in eval mode; a batch of one; a patch's features do not depend on the rest of
     its batch; the input tensor is left unchanged; two builds with the same seed give the
-    same features whatever torch's global seed; a ``trainable`` backbone has parameters that
-    receive finite gradients.
+    same features whatever torch's global seed, and whatever numpy's and Python's; a
+    ``trainable`` backbone has parameters that receive finite gradients. A failure names the
+    band set it happened on; the report notes how long a forward pass took.
 
     Args and raises: as :func:`check_estimator`.
     """
-    return _check("backbones", backbone, _backbone_checks, options, sample)
+    return _check("backbones", backbone, _backbone_checks, options, sample, _CHECKS)
 
 
 def _band_sets(bands: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -87,15 +102,28 @@ def _backbone_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
             c.report.notes["build"] = "; ".join(f"{k} refused: {v}" for k, v in refused.items())
         _expect(bool(built), f"every band set was refused ({c.report.notes.get('build')})")
 
+    def on(what: str, bands: Sequence[str], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # A failure says which band set it happened on.
+        try:
+            return run()
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if c.label and detail.startswith(c.label + ": "):
+                detail = detail[len(c.label) + 2 :]
+            raise AssertionError(f"on {what} ({','.join(bands)}): {detail}") from exc
+
     first, (bb, module, bands) = next(iter(built.items()))
     mean, std, batch = inputs(bands)
     with c.check("forward", critical=True):
-        reference = features(bb, module, batch)
+        reference = on(first, bands, lambda: features(bb, module, batch))
+        with c.timed(f"forward of {batch.shape[0]} patches ({first})"):
+            features(bb, module, batch)
 
     with c.check("band subsets"):
         for what, (other_bb, other_module, other_bands) in built.items():
             if what != first:
-                features(other_bb, other_module, inputs(other_bands)[2])
+                x = inputs(other_bands)[2]
+                on(what, other_bands, partial(features, other_bb, other_module, x))
 
     with c.check("batch of one"):
         single = features(bb, module, batch[:1])
@@ -116,6 +144,24 @@ def _backbone_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
                 outs.append(features(twin, twin.checked_build(bands, mean, std).eval(), batch))
         _same(outs[0].numpy(), outs[1].numpy(), "two builds with the same seed")
         _same(outs[0].numpy(), reference.numpy(), "a build against the first build")
+
+    with c.check("only its own seed"):
+        outs = []
+        for global_seed in (1, 2):
+            with global_seeds(global_seed):
+                before = global_state()
+                twin = make()
+                outs.append(features(twin, twin.checked_build(bands, mean, std).eval(), batch))
+                _expect(
+                    global_state() == before,
+                    "build() or forward() changed numpy's, Python's or torch's global random "
+                    "state; seed inside torch.random.fork_rng() (or use a generator of your own)",
+                )
+        _same(
+            outs[0].numpy(),
+            outs[1].numpy(),
+            "different global numpy/random seeds (initialise from the backbone's seed)",
+        )
 
     if not getattr(cls, "trainable", True):
         c.skip("trainable", "the backbone declares trainable = False")

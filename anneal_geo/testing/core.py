@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
+
+import numpy as np
 
 from anneal_geo import plugins
 from anneal_geo.errors import PluginError
 from anneal_geo.testing.report import ConformanceReport, _Abort, _Checks, _expect, _label
 from anneal_geo.testing.sample import Sample, load_sample
 
-__all__ = ["CONTRACT_VERSIONS", "contract_version"]
+__all__ = [
+    "CONTRACT_CHECKS",
+    "CONTRACT_VERSIONS",
+    "HEAVY_MODULES",
+    "contract_version",
+    "global_seeds",
+    "global_state",
+]
 
 #: Contract version of each group, used while a base class declares no ``contract_version``.
 CONTRACT_VERSIONS: dict[str, int] = {
@@ -31,12 +47,123 @@ _METHODS: dict[str, tuple[str, ...]] = {
 }
 
 #: Capability attributes of each contract; each must be a bool.
-_CAPABILITIES: dict[str, tuple[str, ...]] = {
-    "estimators": ("needs_labels", "symmetric"),
-    "selectors": (),
-    "backbones": ("trainable",),
-    "annotators": ("interactive", "needs_labels"),
-}
+_CAPABILITIES: dict[str, tuple[str, ...]] = plugins.CAPABILITIES
+
+#: Libraries a plugin module must not import at its top: `anneal-geo plugins list` imports
+#: every plugin module, so one such import slows every command down (torch alone: seconds).
+HEAVY_MODULES: tuple[str, ...] = (
+    "torch",
+    "torchvision",
+    "torchgeo",
+    "faiss",
+    "rasterio",
+    "geopandas",
+    "sklearn",
+    "tensorflow",
+    "jax",
+    "matplotlib",
+)
+
+#: The checks on the class every contract runs first, in order.
+CONTRACT_CHECKS: tuple[str, ...] = (
+    "subclass",
+    "implemented",
+    "signatures",
+    "constructor",
+    "capabilities",
+    "description",
+    "contract version",
+    "light import",
+    "instance",
+)
+
+
+@cache
+def _heavy_imports(module: str, path: tuple[str, ...]) -> tuple[list[str], float] | str:
+    """What importing ``module`` in a fresh interpreter pulls in among :data:`HEAVY_MODULES`
+    and how long it takes; a string saying why it could not be imported."""
+    code = (
+        "import importlib, json, sys, time\n"
+        "start = time.perf_counter()\n"
+        f"importlib.import_module({module!r})\n"
+        "took = time.perf_counter() - start\n"
+        f"print(json.dumps([[m for m in {list(HEAVY_MODULES)!r} if m in sys.modules], took]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"a fresh interpreter could not import it ({type(exc).__name__})"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"a fresh interpreter could not import it ({last[:120]})"
+    heavy, took = json.loads(done.stdout.strip().splitlines()[-1])
+    return list(heavy), float(took)
+
+
+def _light_import(c: _Checks, cls: type) -> None:
+    module = cls.__module__
+    target = f"{module}:{cls.__qualname__}"
+    listed = any(
+        info.target == target
+        for group in plugins.GROUPS
+        for info in plugins.available(group)
+        if info.distribution != "<in-process>"
+    )
+    if not listed:
+        c.skip(
+            "light import",
+            "not an installed entry point (only those are imported by `anneal-geo plugins list`)",
+        )
+        return
+    found = _heavy_imports(module, tuple(sys.path))
+    if isinstance(found, str):
+        c.skip("light import", found)
+        return
+    heavy, took = found
+    with c.check("light import"):
+        _expect(
+            not heavy,
+            f"importing {module} imports {', '.join(heavy)} ({took:.2f} s): `anneal-geo plugins "
+            "list` imports every plugin module, so import heavy libraries inside the methods "
+            "that need them",
+        )
+
+
+def global_state() -> tuple[Any, ...]:
+    """A comparable snapshot of numpy's, Python's and (when imported) torch's global random
+    state: a plugin must leave it as it found it."""
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    torch = sys.modules.get("torch")
+    return (
+        numpy_state[1].tobytes(),
+        numpy_state[2],
+        hash(random.getstate()),
+        bytes(torch.random.get_rng_state().numpy()) if torch is not None else None,
+    )
+
+
+@contextmanager
+def global_seeds(seed: int) -> Iterator[None]:
+    """Seed numpy's, Python's and (when imported) torch's global generators with ``seed``,
+    and restore them afterwards: a plugin's results must not depend on them."""
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    python_state = random.getstate()
+    torch = sys.modules.get("torch")
+    torch_state = torch.random.get_rng_state() if torch is not None else None
+    try:
+        np.random.seed(seed)  # noqa: NPY002 - on purpose: must not matter
+        random.seed(seed)
+        if torch is not None:
+            torch.manual_seed(seed)
+        yield
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+        if torch is not None and torch_state is not None:
+            torch.random.set_rng_state(torch_state)
 
 
 def contract_version(group: str) -> int:
@@ -149,6 +276,7 @@ def _contract_checks(c: _Checks, group: str, cls: type, is_class: bool) -> None:
             f"written for {group[:-1]} contract version {declared!r}, this anneal-geo provides "
             f"version {provided}",
         )
+    _light_import(c, cls)
 
 
 def _factory(obj: Any, options: dict[str, Any] | None) -> Callable[[], Any]:
@@ -171,7 +299,10 @@ def _check(
     body: Callable[[_Checks, Callable[[], Any], type, Sample], None],
     options: dict[str, Any] | None,
     sample: Sample | None,
+    checks: tuple[str, ...] = (),
 ) -> ConformanceReport:
+    """Run the contract checks, then ``body``; ``checks`` names the body's checks, so those a
+    failed prerequisite kept from running are reported as skipped."""
     is_class = inspect.isclass(obj)
     cls = obj if is_class else type(obj)
     c = _Checks(_label(cls), group)
@@ -183,6 +314,6 @@ def _check(
             base = plugins.base_class(group)
             _expect(isinstance(made, base), f"the constructor made {type(made).__name__}")
         body(c, make, cls, sample if sample is not None else load_sample())
-    except _Abort:
-        pass
+    except _Abort as abort:
+        c.not_run((*CONTRACT_CHECKS, *checks), str(abort))
     return c.finish()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from anneal_geo.testing.core import _check
+from anneal_geo.testing.core import _check, global_seeds, global_state
 from anneal_geo.testing.report import ConformanceReport, _Checks, _expect, _same
 from anneal_geo.testing.sample import (
     _CANDIDATES,
@@ -19,6 +19,20 @@ from anneal_geo.testing.sample import (
 )
 
 __all__ = ["check_estimator"]
+
+#: The estimator checks, in the order they run.
+_CHECKS = (
+    "fit and score",
+    "inputs unchanged",
+    "deterministic",
+    "only its own seed",
+    "symmetric",
+    "score zero pairs",
+    "score one pair",
+    "fit on zero pairs",
+    "fit on one pair",
+    "fit on one class",
+)
 
 
 @dataclass(frozen=True)
@@ -52,10 +66,11 @@ def check_estimator(
     ``fit``/``score`` signatures, ``cls(seed=0)``, capability flags, docstring, contract
     version); fit on labelled pairs of two rounds and score 3,000 pairs through
     ``checked_fit``/``checked_score`` (shape (M,), floating, finite); inputs left unchanged;
-    the same scores from a second instance with the same seed; the same score for (i, j) and
-    (j, i) when ``symmetric``; zero pairs and one pair to score; a fit on zero pairs, on one
-    pair and on pairs of one class only (all of which the engine can produce) followed by
-    valid scores.
+    the same scores from a second instance with the same seed; the same scores whatever the
+    global numpy, Python and torch random state (only the plugin's seed counts); the same
+    score for (i, j) and (j, i) when ``symmetric``; zero pairs and one pair to score; a fit on
+    zero pairs, on one pair and on pairs of one class only (all of which the engine can
+    produce) followed by valid scores. The report notes how long a fit and a score took.
 
     Args:
         estimator: an Estimator subclass (instantiated as ``cls(seed=0, **options)``) or an
@@ -69,7 +84,7 @@ def check_estimator(
     Raises:
         ConformanceError: a check failed; the message names the plugin and every failed check.
     """
-    return _check("estimators", estimator, _estimator_checks, options, sample)
+    return _check("estimators", estimator, _estimator_checks, options, sample, _CHECKS)
 
 
 def _estimator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sample) -> None:
@@ -86,6 +101,11 @@ def _estimator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sa
     with c.check("fit and score", critical=True):
         scores = rounds(make(), data.candidates)
         _expect(scores.shape == (data.candidates.shape[0],), f"got shape {scores.shape}")
+        timed = make()
+        with c.timed(f"fit on {data.labels.size} pairs"):
+            timed.checked_fit(emb.copy(), data.pairs.copy(), data.labels.copy())
+        with c.timed(f"score {data.candidates.shape[0]} pairs"):
+            timed.checked_score(emb.copy(), data.candidates.copy())
 
     with c.check("inputs unchanged"):
         est = make()
@@ -104,6 +124,28 @@ def _estimator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sa
     with c.check("deterministic"):
         _same(rounds(make(), data.candidates), scores, "two instances with the same seed")
         deterministic = True
+
+    if not deterministic:
+        c.skip("only its own seed", "needs the 'deterministic' check to pass")
+    else:
+        with c.check("only its own seed"):
+            results = []
+            for seed in (1, 2):
+                with global_seeds(seed):
+                    before = global_state()
+                    results.append(rounds(make(), data.candidates))
+                    _expect(
+                        global_state() == before,
+                        "fit() or score() changed numpy's, Python's or torch's global random "
+                        "state (np.random.seed, np.random.*, torch.manual_seed ...); draw "
+                        "from a generator of your own seeded with the plugin's seed",
+                    )
+            _same(
+                results[0],
+                results[1],
+                "different global numpy/random/torch seeds (draw from a generator seeded "
+                "with the plugin's seed)",
+            )
 
     if not getattr(cls, "symmetric", True):
         c.skip("symmetric", "the estimator declares symmetric = False")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ class ConformanceReport:
         passed: the checks that passed, in the order they ran.
         skipped: check name -> why it did not apply.
         notes: check name -> something worth knowing that is not a failure (for example a
-            band subset the backbone refused with a clear error).
+            band subset the backbone refused with a clear error); ``notes["time"]`` says how
+            long each main call took on the sample.
     """
 
     plugin: str
@@ -47,12 +49,23 @@ class ConformanceReport:
         return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
 class _Abort(Exception):
     """A prerequisite check failed: the remaining checks cannot run."""
 
 
 def _label(cls: type) -> str:
-    return getattr(cls, "plugin_origin", "") or f"plugin {cls.__module__}:{cls.__qualname__}"
+    """How the kit names a plugin: its registry origin when the registry loaded this very
+    class, else ``module:Class`` (a subclass of an installed plugin is named as itself)."""
+    own = cls.__dict__.get("plugin_origin", "")
+    return own or f"plugin {cls.__module__}:{cls.__qualname__}"
 
 
 def _one_line(exc: BaseException, label: str) -> str:
@@ -71,6 +84,7 @@ class _Checks:
         self.label = label
         self.report = ConformanceReport(label, group)
         self.failures: list[tuple[str, str]] = []
+        self.times: list[str] = []
 
     @contextmanager
     def check(self, name: str, *, critical: bool = False) -> Iterator[None]:
@@ -85,8 +99,26 @@ class _Checks:
         else:
             self.report.passed.append(name)
 
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """Time one call of the plugin and note it in the report (``notes["time"]``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.times.append(f"{what} {_duration(took)}")
+            self.report.notes["time"] = "; ".join(self.times)
+
     def skip(self, name: str, why: str) -> None:
         self.report.skipped[name] = why
+
+    def not_run(self, names: tuple[str, ...], after: str) -> None:
+        """List the checks a failed prerequisite ``after`` kept from running as skipped."""
+        done = {*self.report.passed, *self.report.skipped, *(n for n, _ in self.failures)}
+        for name in names:
+            if name not in done:
+                self.skip(name, f"not run: the '{after}' check failed")
 
     def finish(self) -> ConformanceReport:
         if self.failures:
@@ -97,6 +129,7 @@ class _Checks:
                 f"conformance checks: {names}"
             ]
             lines += [f"  - {name}: {detail}" for name, detail in self.failures]
+            lines += [f"  skipped {name}: {why}" for name, why in self.report.skipped.items()]
             raise ConformanceError("\n".join(lines))
         return self.report
 

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from anneal_geo.testing.core import _check
+from anneal_geo.testing.core import _check, global_seeds
 from anneal_geo.testing.report import ConformanceReport, _Checks, _expect, _same
 from anneal_geo.testing.sample import _DATA_SEED, _SHORTLIST, Sample
 
 __all__ = ["check_selector"]
+
+#: The selector checks, in the order they run.
+_CHECKS = (
+    "select",
+    "inputs unchanged",
+    "deterministic",
+    "only the given generator",
+    "k == M",
+    "k == 1",
+    "one row",
+    "identical descriptors",
+    "equal uncertainty",
+)
 
 
 def check_selector(
@@ -28,7 +40,7 @@ def check_selector(
 
     Args and raises: as :func:`check_estimator`.
     """
-    return _check("selectors", selector, _selector_checks, options, sample)
+    return _check("selectors", selector, _selector_checks, options, sample, _CHECKS)
 
 
 def _selector_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sample) -> None:
@@ -41,6 +53,9 @@ def _selector_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
 
     with c.check("select", critical=True):
         chosen = pick(make(), descriptors, uncertainty, k)
+        timed = make()
+        with c.timed(f"select {k} of {m}"):
+            pick(timed, descriptors, uncertainty, k)
 
     with c.check("inputs unchanged"):
         desc, unc = descriptors.copy(), uncertainty.copy()
@@ -52,18 +67,10 @@ def _selector_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
         _same(pick(make(), descriptors, uncertainty, k), chosen, "two generators with one seed")
 
     with c.check("only the given generator"):
-        # Saved and restored: the check must leave the caller's global random state as it was.
-        numpy_state = np.random.get_state()  # noqa: NPY002
-        python_state = random.getstate()
-        try:
-            results = []
-            for seed in (1, 2):
-                np.random.seed(seed)  # noqa: NPY002 - on purpose: must not matter
-                random.seed(seed)
+        results = []
+        for seed in (1, 2):
+            with global_seeds(seed):  # restored afterwards
                 results.append(pick(make(), descriptors, uncertainty, k))
-        finally:
-            np.random.set_state(numpy_state)  # noqa: NPY002
-            random.setstate(python_state)
         _same(results[0], results[1], "different global numpy/random seeds (use rng only)")
 
     with c.check("k == M"):

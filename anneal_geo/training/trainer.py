@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -254,7 +255,15 @@ class Trainer:
         features = self._run_batches(self.model.trunk, _Getter(source, n), batch_size, "features")
         self.set_features(features)
         if path is not None:
-            np.save(Path(path), features)
+            # Atomically (temporary file, then rename): a killed process never leaves a
+            # truncated cache behind.
+            target = Path(path)
+            tmp = target.with_name(target.name + ".partial")
+            with open(tmp, "wb") as handle:
+                np.save(handle, features)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
         return features
 
     def set_features(self, features: np.ndarray) -> None:
