@@ -154,8 +154,8 @@ def _backbone_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sam
                 outs.append(features(twin, twin.checked_build(bands, mean, std).eval(), batch))
                 _expect(
                     global_state() == before,
-                    "build() or forward() changed numpy's, Python's or torch's global random "
-                    "state; seed inside torch.random.fork_rng() (or use a generator of your own)",
+                    "build() or forward() changed numpy's or Python's global random state; "
+                    "draw from a generator of your own (torch's may be seeded with the seed)",
                 )
         _same(
             outs[0].numpy(),

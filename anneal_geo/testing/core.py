@@ -133,16 +133,12 @@ def _light_import(c: _Checks, cls: type) -> None:
 
 
 def global_state() -> tuple[Any, ...]:
-    """A comparable snapshot of numpy's, Python's and (when imported) torch's global random
-    state: a plugin must leave it as it found it."""
+    """A comparable snapshot of numpy's and Python's global random state: a plugin must
+    leave them as it found them (the caller's own draws depend on them). Torch's global
+    generator is left out: the engine seeds it itself before building a trunk, and
+    ``torch.manual_seed(self.seed)`` in ``build`` is an accepted way to initialise one."""
     numpy_state = np.random.get_state()  # noqa: NPY002
-    torch = sys.modules.get("torch")
-    return (
-        numpy_state[1].tobytes(),
-        numpy_state[2],
-        hash(random.getstate()),
-        bytes(torch.random.get_rng_state().numpy()) if torch is not None else None,
-    )
+    return numpy_state[1].tobytes(), numpy_state[2], hash(random.getstate())
 
 
 @contextmanager

@@ -136,9 +136,9 @@ def _estimator_checks(c: _Checks, make: Callable[[], Any], cls: type, sample: Sa
                     results.append(rounds(make(), data.candidates))
                     _expect(
                         global_state() == before,
-                        "fit() or score() changed numpy's, Python's or torch's global random "
-                        "state (np.random.seed, np.random.*, torch.manual_seed ...); draw "
-                        "from a generator of your own seeded with the plugin's seed",
+                        "fit() or score() changed numpy's or Python's global random state "
+                        "(np.random.seed, np.random.*, random.* ...); draw from a generator "
+                        "of your own seeded with the plugin's seed",
                     )
             _same(
                 results[0],
