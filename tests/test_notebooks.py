@@ -9,6 +9,7 @@ the notebooks run in the same environment as the tests whatever kernelspecs are 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("ipywidgets")
+pytest.importorskip("anywidget")
+pytest.importorskip("ipyleaflet")
 
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
@@ -102,15 +105,20 @@ def test_notebook_runs_top_to_bottom(name, kernel_specs, tmp_path, monkeypatch):
     assert not errors
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    view = "application/vnd.jupyter.widget-view+json"
+    views = [o for o in outputs if view in o.get("data", {})]
     if name == "1_quickstart":
         assert len(images) >= 3  # classes, learning curves, retrieval
         assert "ANNEAL (MGUE + k-means)" in text and "random pairs" in text
-        view = "application/vnd.jupyter.widget-view+json"
-        assert any(view in o.get("data", {}) for o in outputs), "the widget was not displayed"
+        assert views, "the widget was not displayed"
+        # Three key presses' messages went through the widget to SQLite.
+        assert len(re.findall(r"key press for patches \(\d+, \d+\): saved answer \d+", text)) == 3
+        assert "3 pairs answered so far" in text
     if name == "2_your_own_tiles":
         assert len(images) >= 2  # grid over the scene; query map with result composites
         assert (tmp_path / "out" / "query_results.gpkg").is_file()
         assert "rounds trained" in text
+        assert len(views) >= 2, "the widget and the interactive map must be displayed"
     if name == "3_write_a_plugin":
         assert "threshold" in text and "PluginError:" in text
         assert "estimator in use: ThresholdEstimator" in text

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -121,22 +122,38 @@ def test_piped_answers_land_in_sqlite_and_rounds_are_trained(tmp_path, pool_dir,
     assert len(rows(session.directory)) == len(stored)
 
 
-def test_run_with_terminal_annotator_then_label_finishes(tmp_path, pool_dir, pool):
+def test_run_with_terminal_annotator_undoes_then_label_finishes(tmp_path, pool_dir, pool):
     out = tmp_path / "run"
     args = ["run", "--data", str(pool_dir), "--annotator", "terminal", "--rounds", "0",
             "--initial", "4", "--epochs", "5", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args, input="y\nu\nn\nq\n")
     assert result.exit_code == 0, result.output
-    assert "undo needs the session's answers" in result.output
-    assert "paused after 0 rounds" in result.output
-    assert [r[3] for r in rows(out)] == [1, 0]
-    # The last answer's acknowledgement comes once the engine has committed it.
-    assert result.output.count("saved: patches") == 2
+    # `run` labels like `label`: it points at the web page, undo works, and the picture is
+    # in the session directory (not a shared temporary file).
+    assert f"anneal-geo label {out} --web" in result.output
+    assert "undone: patches" in result.output and "paused after 0 rounds" in result.output
+    assert f"image: {out / 'current_pair.png'}" in result.output
+    assert (out / "current_pair.png").is_file()
+    stored = rows(out)
+    assert [(r[3], r[4] is not None) for r in stored] == [(1, False), (1, True), (0, False)]
+    assert stored[0][1:3] == stored[2][1:3], "the undone pair is asked again"
+    assert result.output.count("saved answer") == 2
 
-    labelled = CliRunner().invoke(app, ["label", str(out)], input="s\ns\n")
+    labelled = CliRunner().invoke(app, ["label", str(out)], input="s\ns\ns\n")
     assert labelled.exit_code == 0, labelled.output
-    assert [r[3] for r in rows(out)] == [1, 0, -1, -1]
+    assert [r[3] for r in rows(out) if r[4] is None] == [1, 0, -1, -1, -1]
     assert "round 0 done" in labelled.output and "session finished" in labelled.output
+
+
+def test_terminal_annotator_pulled_by_the_engine_keeps_its_picture_private(tmp_path, pool):
+    annotator = TerminalAnnotator()
+    annotator.input, annotator.output = io.StringIO("u\ny\n"), io.StringIO()
+    assert list(annotator.annotate(np.array([[0, 1], [2, 3]]), pool)) == [1]
+    text = annotator.output.getvalue()
+    assert "undo needs the session's answers" in text
+    assert annotator.png is not None and annotator.png.is_file()
+    assert annotator.png.parent != Path(tempfile.gettempdir()), "a shared /tmp path"
+    assert "anneal-geo-pair.png" not in text
 
 
 def test_labeller_with_text_streams_quits_at_end_of_input(tmp_path, pool_dir, pool):

@@ -1,4 +1,10 @@
-"""Pictures of patches and pairs for the people who label them (widget and terminal).
+"""Pictures of patches: the one renderer every picture a person sees goes through.
+
+The terminal labeller's PNG, the web page and the Jupyter widget
+(:mod:`anneal_geo.labelling`), ``anneal-geo query --plot``
+(:mod:`anneal_geo.retrieval.plots`) and the notebooks all draw patches with
+:class:`PatchRenderer`, so a patch looks the same everywhere and colours can be compared
+across pictures.
 
 A composite takes three bands by name (true colour B04/B03/B02 by default, or the
 false-colour preset B08/B04/B03 where vegetation shows red) and stretches each band
@@ -36,7 +42,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "false": ("B08", "B04", "B03"),  # colour infrared: healthy vegetation shows bright red
 }
 
-#: Patches sampled to fix a pool-wide stretch; enough for stable 2/98 % percentiles.
+#: Patches sampled to fix a pool-wide stretch; enough for stable 1/99 % percentiles.
 _STRETCH_SAMPLE = 256
 #: Pixel values per band used for the pool-wide percentiles (pixels are strided beyond it).
 _STRETCH_VALUES = 1_000_000
@@ -112,7 +118,8 @@ class PatchRenderer:
             or a sequence of three names. ``None`` means true colour.
         stretch: ``"pool"`` (percentiles over a sample of the whole pool; comparable
             colours across patches) or ``"patch"`` (each patch stretched on its own).
-        percentiles: the low and high percentile mapped to black and white.
+        percentiles: the low and high percentile mapped to black and white (1 and 99 by
+            default: bright roofs and sand keep their texture, water stays dark).
         size: the longer side of each patch picture in pixels; small patches are enlarged
             by an integer factor with nearest-neighbour sampling (sharp pixels).
         seed: seed of the patch sample used for the pool-wide stretch.
@@ -128,7 +135,7 @@ class PatchRenderer:
         bands: str | Sequence[str] | None = None,
         *,
         stretch: Stretch = "pool",
-        percentiles: tuple[float, float] = (2.0, 98.0),
+        percentiles: tuple[float, float] = (1.0, 99.0),
         size: int = 256,
         seed: int = 0,
     ) -> None:
@@ -175,6 +182,37 @@ class PatchRenderer:
             low, high = np.percentile(image, self.percentiles, axis=(1, 2))
         else:
             low, high = self._limits
+        span = np.where(high > low, high - low, 1.0)
+        scaled = (image - low[:, None, None]) / span[:, None, None]
+        return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+    def composite_array(self, patch: np.ndarray, bands: Sequence[str] | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 composite of a patch that is not in the pool (a query image).
+
+        Args:
+            patch: (C, H, W) array in the pool's units.
+            bands: the names of its C bands (default: the pool's bands, in order).
+
+        The pool's stretch is used when the patch has the picture's bands; otherwise its
+        first three bands are stretched on their own.
+        """
+        array = np.asarray(patch, dtype=np.float32)
+        names = list(self.pool.bands if bands is None else bands)
+        if array.ndim != 3 or array.shape[0] != len(names):
+            raise DataError(
+                f"a patch to draw must be (bands, height, width) with {len(names)} bands, "
+                f"got shape {array.shape}"
+            )
+        if set(self.band_names) <= set(names):
+            image = array[[names.index(b) for b in self.band_names]]
+            limits = self._limits
+        else:
+            image = array[[0, 1, 2] if len(names) >= 3 else [0, 0, 0]]
+            limits = None
+        if limits is None:
+            low, high = np.percentile(image, self.percentiles, axis=(1, 2))
+        else:
+            low, high = limits
         span = np.where(high > low, high - low, 1.0)
         scaled = (image - low[:, None, None]) / span[:, None, None]
         return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)

@@ -14,10 +14,12 @@ Two ways in, one prompt:
 Both write the current pair as a side-by-side PNG and print its path (no installed
 library shows images inline in terminals, and none is added for it), read one line per
 answer (``y``/``n``/``s``/``u``/``q``; end of input means quit, so piped scripts work) and
-print ``saved answer N`` only once the answer is committed to SQLite.
+print ``saved answer N`` only once the answer is committed to SQLite. Both start by saying
+that ``anneal-geo label SESSION --web`` shows the pairs in a browser instead.
 
-:class:`LabellingCursor` is the front-end-neutral part (next pair, counters, undo within
-the round) shared with the Jupyter widget.
+The labeller drives a :class:`~anneal_geo.labelling.controller.LabellingController`, the
+part shared with the web page and the Jupyter widget (next pair, counters, undo across the
+round, training). ``LabellingCursor`` is its former name, kept for existing code.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ import numpy as np
 
 from anneal_geo.annotators.base import DISSIMILAR, SIMILAR, SKIP, Annotator
 from anneal_geo.errors import ConfigError
+from anneal_geo.labelling.controller import (
+    ANSWER_WORDS,
+    LabellingController,
+    Progress,
+    round_summary,
+)
 
 if TYPE_CHECKING:
     from anneal_geo.annotators.render import PatchRenderer
@@ -41,15 +49,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANSWER_WORDS",
+    "WEB_TIP",
     "LabellingCursor",
     "Progress",
     "TerminalAnnotator",
     "TerminalLabeller",
     "TerminalPrompt",
+    "round_summary",
 ]
 
-#: Stored answer code -> the word printed for it.
-ANSWER_WORDS: dict[int, str] = {SIMILAR: "similar", DISSIMILAR: "dissimilar", SKIP: "skipped"}
+#: The former name of the controller (it was the terminal's and the widget's cursor).
+LabellingCursor = LabellingController
+
+#: Said when a terminal labeller starts: the browser shows the pairs without an image viewer.
+WEB_TIP = (
+    "tip: `anneal-geo label {session} --web` shows the pairs in your browser "
+    "(keys y/n/s/u, no image viewer needed)"
+)
 
 #: What a person may type -> the command letter.
 _COMMANDS: dict[str, str] = {
@@ -70,123 +86,6 @@ _COMMANDS: dict[str, str] = {
 _ANSWER_OF: dict[str, int] = {"y": SIMILAR, "n": DISSIMILAR, "s": SKIP}
 _PROMPT = "similar? [y]es [n]o [s]kip [u]ndo [q]uit: "
 _HELP = "type y (similar), n (dissimilar), s (skip), u (undo the last answer) or q (quit)"
-
-
-# -- the front-end-neutral part --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Counters a labelling front end shows.
-
-    Attributes:
-        round: the round being answered (0 = the initial set).
-        total_rounds: rounds in the session (initial set included).
-        round_pairs: pairs asked in this round.
-        left_in_round: pairs of this round without an answer.
-        budget_used: pairs answered in the session (skips included, undone ones not).
-        budget_total: pairs the session asks in all (initial + rounds x budget).
-    """
-
-    round: int
-    total_rounds: int
-    round_pairs: int
-    left_in_round: int
-    budget_used: int
-    budget_total: int
-
-    @property
-    def answered_in_round(self) -> int:
-        return self.round_pairs - self.left_in_round
-
-
-class LabellingCursor:
-    """A person's place in a session: the next pair, counters, and undo within the round.
-
-    Every call goes straight to the engine and its PairStore (nothing is cached), so two
-    cursors over the same session, or a cursor rebuilt after a restart, agree on where the
-    session stands.
-
-    Args:
-        engine: the engine of the session being labelled.
-        annotator: recorded with each answer (``terminal``, ``widget``, a user name).
-    """
-
-    def __init__(self, engine: Engine, annotator: str) -> None:
-        self.engine = engine
-        self.annotator = annotator
-
-    @property
-    def done(self) -> bool:
-        """Whether every round of the session is finished."""
-        return self.engine.rounds_done >= self.engine.total_rounds
-
-    def next_pair(self) -> tuple[int, int] | None:
-        """The next unanswered pair of the round, or None when the round (or session) is done.
-
-        Pairs come in the order the round chose them; a pair whose answer was undone is
-        unanswered again, so it comes back before the ones not yet asked.
-        """
-        if self.done:
-            return None
-        left = self.engine.unanswered()
-        if not len(left):
-            return None
-        i, j = left[0].tolist()
-        return int(i), int(j)
-
-    def progress(self) -> Progress:
-        """The counters; on a finished session the round is the last one, with 0 left."""
-        engine = self.engine
-        cfg = engine.config
-        total = cfg.initial + cfg.rounds * cfg.budget
-        used = len(engine.store)
-        if self.done:
-            return Progress(engine.total_rounds - 1, engine.total_rounds, 0, 0, used, total)
-        pairs = engine.round_pairs()
-        left = engine.unanswered()
-        return Progress(engine.rounds_done, engine.total_rounds, len(pairs), len(left), used, total)
-
-    def answer(self, i: int, j: int, value: int) -> int:
-        """Commit one answer (1, 0 or -1) to SQLite; return its sequence number."""
-        return self.engine.answer(i, j, value, annotator=self.annotator)
-
-    def can_undo(self) -> bool:
-        """Whether the latest answer in effect belongs to the current round.
-
-        Answers of finished rounds are not undone: the model has been trained on them and
-        the next round's pairs were chosen from that model.
-        """
-        last = self.engine.store.last_round()
-        return last is not None and not self.done and last == self.engine.rounds_done
-
-    def undo(self) -> tuple[int, int] | None:
-        """Undo the latest answer of the current round; the pair is asked again.
-
-        Returns:
-            the pair whose answer was undone, or None when the round has none to undo.
-        """
-        if not self.can_undo():
-            return None
-        return self.engine.store.undo(annotator=self.annotator)
-
-    def finish_round(self) -> dict[str, Any]:
-        """Train, embed and evaluate the round whose pairs are all answered."""
-        return self.engine.finish_round()
-
-
-def round_summary(record: dict[str, Any]) -> str:
-    """One line about a finished round for people (metrics only when the pool has labels)."""
-    parts = [
-        f"round {record['round']} done in {float(record.get('seconds', 0.0)):.1f} s",
-        f"{record.get('queried_pairs', 0)} answered pairs",
-        f"{record.get('implied_pairs', 0)} implied",
-    ]
-    if record.get("contradictions"):
-        parts.append(f"{record['contradictions']} contradictions")
-    if "map@20" in record:
-        parts.append(f"mAP@20 {float(record['map@20']):.4f}")
-    return ", ".join(parts)
 
 
 # -- the prompt ------------------------------------------------------------------------------
@@ -259,6 +158,7 @@ class TerminalPrompt:
 
 
 def _renderer(pool: PatchPool, bands: str | Sequence[str] | None) -> PatchRenderer:
+    """The pool-wide-stretch renderer of ``bands``."""
     from anneal_geo.annotators.render import PatchRenderer
 
     return PatchRenderer(pool, bands)
@@ -304,36 +204,44 @@ class TerminalLabeller:
         annotator: str = "terminal",
     ) -> None:
         self.engine = engine
-        self.cursor = LabellingCursor(engine, annotator)
+        self.controller = LabellingController(engine, annotator, bands=bands)
         path = png_path if png_path is not None else engine.session.directory / "current_pair.png"
-        self.prompt = TerminalPrompt(
-            _renderer(engine.pool, bands), path, input=input, output=output
-        )
+        self.prompt = TerminalPrompt(self.controller.renderer(), path, input=input, output=output)
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def cursor(self) -> LabellingController:
+        """The controller (its former name)."""
+        return self.controller
 
     def _header(self) -> str:
-        p = self.cursor.progress()
+        p = self.controller.progress()
         return (
             f"round {p.round} of {p.total_rounds - 1} · pair {p.answered_in_round + 1} of "
             f"{p.round_pairs} · budget {p.budget_used} of {p.budget_total} used"
         )
 
-    def run(self) -> LabelSummary:
-        """Ask until the session is done or the person quits; return what happened."""
+    def run(self, rounds: int | None = None) -> LabelSummary:
+        """Ask until the session is done (or ``rounds`` more rounds are trained) or the
+        person quits; return what happened."""
         say = self.prompt.say
+        controller = self.controller
         summary = LabelSummary()
         session_dir = self.engine.session.directory
-        if self.cursor.done:
+        if controller.done:
             say(
                 f"session {session_dir} has finished all {self.engine.total_rounds} rounds; "
                 f"add rounds with `anneal-geo label {session_dir} --rounds N`"
             )
             return summary
-        while not self.cursor.done:
-            pair = self.cursor.next_pair()
+        say(WEB_TIP.format(session=session_dir))
+        while not controller.done and (rounds is None or summary.rounds_finished < rounds):
+            pair = controller.next_pair()
             if pair is None:
-                p = self.cursor.progress()
+                p = controller.progress()
                 say(f"round {p.round}: all {p.round_pairs} pairs answered; training ...")
-                record = self.cursor.finish_round()
+                record = controller.finish_round()
+                self.records.append(record)
                 summary.rounds_finished += 1
                 say(round_summary(record))
                 continue
@@ -349,21 +257,21 @@ class TerminalLabeller:
                 )
                 return summary
             if command == "u":
-                undone = self.cursor.undo()
+                undone = controller.undo()
                 if undone is None:
                     say("nothing to undo in this round (finished rounds are kept)")
                 else:
                     summary.undone += 1
                     say(f"undone: patches {undone[0]} and {undone[1]}; asking it again")
                 continue
-            value = _ANSWER_OF[command]
-            seq = self.cursor.answer(i, j, value)
+            done = controller.answer(_ANSWER_OF[command], pair=pair)
             summary.answered += 1
-            say(f"saved answer {seq}: patches {i} and {j} {ANSWER_WORDS[value]}")
-        say(
-            f"session finished: {self.engine.total_rounds} rounds, "
-            f"{len(self.engine.store)} answered pairs in {self.engine.session.store_path}"
-        )
+            say(done.message())
+        if controller.done:
+            say(
+                f"session finished: {self.engine.total_rounds} rounds, "
+                f"{len(self.engine.store)} answered pairs in {self.engine.session.store_path}"
+            )
         return summary
 
 
@@ -371,14 +279,18 @@ class TerminalLabeller:
 
 
 class TerminalAnnotator(Annotator):
-    """A person answers in the terminal, pair by pair (y/n/s/q; a PNG shows the pair).
+    """A person answers in the terminal, pair by pair (y/n/s/u/q; a PNG shows the pair).
 
-    Used by ``anneal-geo run --annotator terminal``. Undo is not possible through the
-    annotator contract (the engine owns the answers); ``anneal-geo label SESSION`` offers it.
+    ``anneal-geo run --annotator terminal`` hands the session to :meth:`label_session`,
+    which is ``anneal-geo label``'s labeller: undo across the round, the picture in the
+    session directory. Pulled through the plain annotator contract (:meth:`annotate`,
+    e.g. by ``Engine.run`` in a script) it cannot undo, since the engine owns the answers;
+    it says so and points at ``anneal-geo label``.
 
     Args:
         seed: unused (a person is not seeded), kept for the plugin contract.
-        png: where to write the current pair's picture (default: the temp folder).
+        png: where to write the current pair's picture (default: SESSION/current_pair.png
+            with :meth:`label_session`, else a private temporary folder).
         bands: picture bands: preset ``true`` / ``false`` or three comma-separated names.
     """
 
@@ -394,10 +306,29 @@ class TerminalAnnotator(Annotator):
                 "known: png, bands"
             )
         super().__init__(seed=seed)
-        self.png = Path(png) if png else Path(tempfile.gettempdir()) / "anneal-geo-pair.png"
+        self.png = Path(png) if png else None
         self.bands = bands
         self.input: TextIO | None = None
         self.output: TextIO | None = None
+
+    def label_session(self, engine: Engine, rounds: int | None = None) -> list[dict[str, Any]]:
+        """Label the engine's session as ``anneal-geo label`` does; return finished rounds.
+
+        Args:
+            engine: the session's engine (this annotator is its annotator).
+            rounds: stop after this many rounds are trained (default: finish the session).
+        """
+        labeller = TerminalLabeller(
+            engine, bands=self.bands, png_path=self.png, input=self.input, output=self.output
+        )
+        labeller.run(rounds)
+        return labeller.records
+
+    def _png_path(self) -> Path:
+        if self.png is None:
+            # Private to this process: two people on one machine never share a picture.
+            self.png = Path(tempfile.mkdtemp(prefix="anneal-geo-")) / "current_pair.png"
+        return self.png
 
     def annotate(self, pairs: np.ndarray, pool: PatchPool) -> Iterator[int]:
         """Ask each pair in turn; stop at ``q`` or end of input.
@@ -410,7 +341,7 @@ class TerminalAnnotator(Annotator):
             a generator of answers, 1 similar, 0 dissimilar, -1 skipped.
         """
         prompt = TerminalPrompt(
-            _renderer(pool, self.bands), self.png, input=self.input, output=self.output
+            _renderer(pool, self.bands), self._png_path(), input=self.input, output=self.output
         )
         total = len(pairs)
         for k, (i, j) in enumerate(np.asarray(pairs, dtype=np.int64).tolist()):

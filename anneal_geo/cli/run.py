@@ -70,7 +70,10 @@ def _run_engine(
     typer.echo("", err=True)  # ends the line of the last progress bar (cleared or logged)
     typer.echo(_header())
     try:
-        records = engine.run(rounds)
+        # A person at the terminal gets `anneal-geo label`'s labeller (undo across the
+        # round, the picture in the session directory) instead of a plain prompt.
+        label_session = getattr(engine.annotator, "label_session", None)
+        records = label_session(engine, rounds) if callable(label_session) else engine.run(rounds)
     except KeyboardInterrupt:
         counts = engine.store.count_by_answer()
         engine.close()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anneal_geo.errors import ConfigError, DataError
+from anneal_geo.retrieval.plots import plot_results  # drawn there; importable here too
 
 if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
@@ -754,71 +755,4 @@ def export_results(results: Any, path: str | Path) -> Path:
         frame.to_file(path, driver=drivers[suffix], engine="pyogrio", **layer)
     except OSError as exc:
         raise DataError(f"cannot write {path} ({exc}); choose a writable file") from exc
-    return path
-
-
-def _rgb(patch: np.ndarray, bands: list[str]) -> np.ndarray:
-    from anneal_geo.data.pool import PatchPool
-
-    return PatchPool(np.asarray(patch)[None], bands).rgb(0)
-
-
-def plot_results(index: GeoIndex, results: Any, path: str | Path, n: int = 8) -> Path:
-    """Save a quick look: the query and its best ``n`` results as RGB composites, and a
-    small map of their footprints (query in red, results in blue, numbered by rank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pool = index.pool
-    query = results.attrs.get("query", {})
-    shown = results.head(n)
-    panels = 1 + len(shown)
-    fig = plt.figure(figsize=(1.9 * max(panels, 4), 6.2), layout="constrained")
-    grid = fig.add_gridspec(2, panels, height_ratios=[1, 1.6])
-    ax = fig.add_subplot(grid[0, 0])
-    query_ids = list(query.get("patch_ids", []))
-    if query.get("kind") == "image":
-        bands = list(index.meta["embedder"]["bands"])
-        ax.imshow(_rgb(index.image_patches(query["image"])[0], bands))
-        ax.set_title("query image", fontsize=8)
-    elif query_ids:
-        ax.imshow(pool.rgb(query_ids[0]))
-        extra = f" (+{len(query_ids) - 1})" if len(query_ids) > 1 else ""
-        ax.set_title(f"query #{query_ids[0]}{extra}", fontsize=8, color="tab:red")
-    ax.axis("off")
-    for j, row in enumerate(shown.itertuples(index=False)):
-        ax = fig.add_subplot(grid[0, 1 + j])
-        ax.imshow(pool.rgb(int(row.patch_id)))
-        ax.set_title(f"{row.rank}. #{row.patch_id}\nd={row.distance:.3g}", fontsize=8)
-        ax.axis("off")
-    ax = fig.add_subplot(grid[1, :])
-    footprints = pool.footprints
-    if footprints is not None and not results.geometry.isna().all():
-        if len(footprints) <= 20_000:
-            footprints.plot(ax=ax, facecolor="none", edgecolor="0.85", linewidth=0.3)
-        results.plot(ax=ax, facecolor="tab:blue", edgecolor="tab:blue", alpha=0.5)
-        for row in results.itertuples(index=False):
-            c = row.geometry.centroid
-            ax.annotate(str(row.rank), (c.x, c.y), fontsize=7, ha="center", va="center")
-        if query_ids:
-            footprints.iloc[query_ids].plot(
-                ax=ax, facecolor="tab:red", edgecolor="tab:red", alpha=0.6
-            )
-        if query.get("kind") == "point":
-            ax.plot(*query["point"], marker="x", color="black")
-        ax.set_xlabel("longitude")
-        ax.set_ylabel("latitude")
-        # Degrees of longitude shrink with latitude: keep the map's shapes true.
-        lat = float(np.mean(results.total_bounds[[1, 3]]))
-        ax.set_aspect(1.0 / max(math.cos(math.radians(lat)), 0.05))
-        ax.set_title("where: query (red) and results (blue, by rank)", fontsize=9)
-    else:
-        ax.text(0.5, 0.5, "no footprints (pool not georeferenced)", ha="center")
-        ax.axis("off")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
