@@ -256,3 +256,17 @@ def test_web_api_over_http_on_a_tile_pool(tmp_path, tile_pool_dir):
     # The server's engine is closed: the session can be opened for writing again.
     with Engine(Session.open(session.directory), PatchPool.open(tile_pool_dir), progress=False):
         pass
+
+
+def test_the_plot_map_is_framed_on_the_results_and_the_query():
+    from anneal_geo.retrieval.plots import map_extent
+
+    # One 640 m patch: framed with its surroundings, not the continent.
+    west, south, east, north = map_extent([(4.50, 48.80, 4.509, 48.806)])
+    assert west < 4.50 and east > 4.509 and south < 48.80 and north > 48.806
+    assert east - west < 0.05 and north - south < 0.05
+    # Results and a query far apart: both inside.
+    box = map_extent([(10.0, 50.0, 10.01, 50.01), (12.0, 51.0, 12.01, 51.01)])
+    assert box[0] < 10.0 and box[2] > 12.01 and box[1] < 50.0 and box[3] > 51.01
+    with pytest.raises(ValueError, match="no finite bounds"):
+        map_extent([(float("nan"),) * 4])
