@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "Session": "anneal_geo.session",
     "SessionConfig": "anneal_geo.session",
     "SessionError": "anneal_geo.errors",
+    "load_model": "anneal_geo.models.model",
     "register": "anneal_geo.plugins",
 }
 
@@ -44,6 +45,7 @@ __all__ = [
     "SessionConfig",
     "SessionError",
     "__version__",
+    "load_model",
     "register",
 ]
 
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
     from anneal_geo.errors import AnnealError, ConfigError, DataError, PluginError, SessionError
     from anneal_geo.estimators.base import Estimator
+    from anneal_geo.models.model import load_model
     from anneal_geo.pairs.store import PairStore
     from anneal_geo.plugins import register
     from anneal_geo.selectors.base import Selector

@@ -166,7 +166,9 @@ def _network(recipe: EmbedRecipe) -> tuple[torch.nn.Module, list[int] | None]:
 
 
 def _out_dim(module: torch.nn.Module) -> int:
-    return int(module.out_dim)  # type: ignore[arg-type]  # checked by Backbone.checked_build
+    # A metric model's embedding_dim counts the frozen features it mixes in.
+    dim = getattr(module, "embedding_dim", None)
+    return int(module.out_dim if dim is None else dim)  # type: ignore[arg-type]
 
 
 def embed_chunk(recipe: EmbedRecipe, lo: int, hi: int) -> np.ndarray:

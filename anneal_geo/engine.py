@@ -593,7 +593,7 @@ class Engine:
         trunk = self.backbone.checked_build(
             self.pool.bands, self.pool.band_mean.tolist(), self.pool.band_std.tolist()
         )
-        model = MetricModel(trunk, out_dim=cfg.embedding_dim, seed=cfg.seed)
+        model = MetricModel(trunk, out_dim=cfg.embedding_dim, seed=cfg.seed, mix=cfg.mix)
         trainer = Trainer(
             model,
             mode=cfg.train_mode,  # type: ignore[arg-type]  # validated by SessionConfig
@@ -601,18 +601,8 @@ class Engine:
             epochs=cfg.epochs,
             seed=cfg.seed,
             progress=self.progress,
+            pair_budget=cfg.pair_budget,
         )
-        if cfg.train_mode == "head":
-            # Trunk features are computed once per session and reused by every round and
-            # by resume (the trunk is frozen in head mode).
-            cache = self.session.directory / f"trunk_features_{self._trunk_key()}.npy"
-            features = self._cached_features(cache, int(model.trunk_dim))
-            if features is None:
-                trainer.cache_features(
-                    self._patch_source, len(self.pool), path=None if self.read_only else cache
-                )
-            else:
-                trainer.set_features(features)
         latest = self.session.latest_checkpoint()
         if latest is not None:
             path = latest[1]
@@ -625,6 +615,25 @@ class Engine:
                 raise self.session._damaged_checkpoint(
                     path, f"{type(exc).__name__}: {exc}".splitlines()[0]
                 ) from exc
+        if cfg.train_mode == "head":
+            # Trunk features are computed once per session and reused by every round and
+            # by resume (the trunk is frozen in head mode). A trunk that fits pool
+            # statistics is fitted when they are first computed (its statistics then live in
+            # every checkpoint and next to the cache), and never again.
+            cache = self.session.directory / f"trunk_features_{self._trunk_key()}.npy"
+            features = self._cached_features(cache, int(model.trunk_dim))
+            if (
+                features is not None
+                and not trainer.trunk_fitted
+                and not trainer.load_trunk_state(trainer.trunk_state_path(cache))
+            ):
+                features = None  # cached features without the statistics they came from
+            if features is None:
+                trainer.cache_features(
+                    self._patch_source, len(self.pool), path=None if self.read_only else cache
+                )
+            else:
+                trainer.set_features(features)
         return trainer
 
     def _cached_features(self, cache: Any, dim: int) -> np.ndarray | None:
@@ -844,7 +853,11 @@ class Engine:
         t0 = time.perf_counter()
         with _torch_threads(1 if self.config.train_mode == "head" else None):
             train_stats = self.trainer.train_round(
-                labelled.pairs, labelled.labels, self._patch_source, len(self.pool)
+                labelled.pairs,
+                labelled.labels,
+                self._patch_source,
+                len(self.pool),
+                implied=labelled.implied,
             )
         t_trained = time.perf_counter()
         self.embeddings = self._embed()

@@ -42,6 +42,7 @@ BUILTINS = {
     ("backbones", "spectral"),
     ("backbones", "resnet18"),
     ("backbones", "smallcnn"),
+    ("backbones", "texture"),
     ("annotators", "oracle"),
     ("annotators", "terminal"),
     ("annotators", "widget"),

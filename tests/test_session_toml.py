@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import shutil
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from anneal_geo.session import Session, SessionConfig
+from anneal_geo.session import SETTINGS_ADDED_LATER, Session, SessionConfig
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "session_v010.toml"
 
@@ -91,7 +92,7 @@ def test_the_fixture_is_the_old_writers_output() -> None:
 
 def test_a_0_1_0_session_file_opens_with_its_settings(old_session: Path) -> None:
     session = Session.open(old_session)
-    expected = CONFIG.to_dict()
+    expected = CONFIG.to_dict() | SETTINGS_ADDED_LATER  # a 0.1.0 session keeps its behaviour
     del expected["selector_options"]["unused"]  # None: not written, so not read back
     del expected["backbone_options"]["weights"]
     assert session.config.to_dict() == expected
@@ -99,13 +100,25 @@ def test_a_0_1_0_session_file_opens_with_its_settings(old_session: Path) -> None
     assert session.meta == {k: v for k, v in META.items() if v is not None}
 
 
+def test_settings_added_after_0_1_0_keep_an_old_session_behaving_as_before(
+    old_session: Path,
+) -> None:
+    opened = Session.open(old_session).config
+    assert opened.mix == 0.0 and opened.pair_budget == 0  # no mixing, every pair trained on
+    fresh = SessionConfig()
+    assert (fresh.mix, fresh.pair_budget) != (opened.mix, opened.pair_budget)
+
+
 def test_the_current_writer_gives_the_same_session(old_session: Path, tmp_path: Path) -> None:
-    new = Session.create(tmp_path / "new", CONFIG, META).directory
+    config = replace(CONFIG, **SETTINGS_ADDED_LATER)
+    new = Session.create(tmp_path / "new", config, META).directory
     assert "[estimator_options.schedule]" in (new / "session.toml").read_text(encoding="utf-8")
     old_opened, new_opened = Session.open(old_session), Session.open(new)
     assert new_opened.config == old_opened.config
     assert new_opened.meta == old_opened.meta
-    assert _document(new) == _document(old_session)
+    old_document = _document(old_session)
+    old_document["settings"] |= SETTINGS_ADDED_LATER
+    assert _document(new) == old_document
 
 
 def test_resaving_a_0_1_0_session_reads_back_equal(old_session: Path) -> None:
@@ -115,6 +128,7 @@ def test_resaving_a_0_1_0_session_reads_back_equal(old_session: Path) -> None:
     assert (old_session / "session.toml").read_text(encoding="utf-8") != FIXTURE.read_text(
         encoding="utf-8"
     )
+    before["settings"] |= SETTINGS_ADDED_LATER  # now written out, with the values it ran with
     assert _document(old_session) == before
     again = Session.open(old_session)
     assert again.config == session.config

@@ -257,10 +257,12 @@ def test_a_wrongly_typed_or_out_of_range_setting_is_one_line_from_every_command(
             cli(*command, str(session.directory)),
             "session.toml: setting 'budget' must be an integer, got '4' (text)",
         )
-    session.toml_path.write_text(text.replace("margin = 0.5", "margin = -1.0"))
+    margin = f"margin = {session.config.margin}"
+    assert margin in text
+    session.toml_path.write_text(text.replace(margin, "margin = -1.0"))
     with pytest.raises(ConfigError, match="setting 'margin' must be positive, got -1.0"):
         Session.open(session.directory)
-    session.toml_path.write_text(text.replace("margin = 0.5", "margin = 1"))
+    session.toml_path.write_text(text.replace(margin, "margin = 1"))
     assert Session.open(session.directory).config.margin == 1.0  # an integer is a number
 
 

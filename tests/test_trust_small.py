@@ -45,8 +45,8 @@ def test_the_default_out_is_named_after_the_data(pool_dir, tmp_path):
         assert result.returncode == 0, result.stderr
     made = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert made == [
-        f"{pool_dir.name}-mgue-kmeans-spectral-seed0",
-        "other_pool-mgue-kmeans-spectral-seed0",
+        f"{pool_dir.name}-mgue-kmeans-texture-seed0",
+        "other_pool-mgue-kmeans-texture-seed0",
     ]
 
 

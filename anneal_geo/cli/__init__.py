@@ -1,11 +1,11 @@
 """The ``anneal-geo`` command.
 
 One module per command group (``run``, ``pool``, ``label``, ``session``, ``plugins``,
-``geo``, ``embed``), each registered as an entry point of the group ``anneal_geo.cli`` and
-added to the root app by :mod:`anneal_geo.cli.root`. This package's ``__init__`` imports
-nothing: ``app`` and ``main`` are looked up on first use, and command modules never import
-it, so there is no import circle. Heavy libraries are imported inside the commands, so
-``anneal-geo --help`` stays fast.
+``geo``, ``export``, ``embed``), each registered as an entry point of the group
+``anneal_geo.cli`` and added to the root app by :mod:`anneal_geo.cli.root`. This package's
+``__init__`` imports nothing: ``app`` and ``main`` are looked up on first use, and command
+modules never import it, so there is no import circle. Heavy libraries are imported inside
+the commands, so ``anneal-geo --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ __all__ = ["GROUP", "CommandGroup", "discover"]
 GROUP = "anneal_geo.cli"
 #: Our own distribution: its command groups are loaded first and win name clashes.
 _OWN = "anneal-geo"
-_OWN_ORDER = ("run", "label", "session", "pool", "geo", "embed", "plugins")
+_OWN_ORDER = ("run", "label", "session", "pool", "geo", "export", "embed", "plugins")
 
 
 @dataclass(frozen=True)

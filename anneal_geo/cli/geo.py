@@ -25,21 +25,26 @@ def index(
     kind: str = typer.Option(
         "auto", help="auto (exact below 200,000 patches, else HNSW), flat or hnsw."
     ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Embed the pool with an exported model (anneal-geo export)."
+    ),
 ) -> None:
-    """Build a faiss retrieval index over a session's embeddings, or over standardised
-    spectral features of a bare pool; faiss row = pool patch id."""
+    """Build a faiss retrieval index over a session's embeddings, over standardised
+    spectral features of a bare pool, or over a pool embedded by an exported model (--model);
+    faiss row = pool patch id."""
     import time
 
     from anneal_geo.retrieval.geoindex import build_index
 
     t0 = time.perf_counter()
-    built = build_index(source, out, kind=kind)
+    built = build_index(source, out, kind=kind, model=model)
     embedder = built.meta["embedder"]
-    what = (
-        f"session embeddings (round {embedder.get('round')})"
-        if embedder["kind"] == "session"
-        else "standardised spectral features"
-    )
+    if embedder["kind"] == "session":
+        what = f"session embeddings (round {embedder.get('round')})"
+    elif embedder["kind"] == "model":
+        what = f"embeddings of the model {model}"
+    else:
+        what = "standardised spectral features"
     typer.echo(
         f"indexed {len(built)} patches ({built.meta['dim']}-d {what}, {built.kind}) in "
         f"{time.perf_counter() - t0:.1f} s -> {built.path}"
@@ -48,7 +53,7 @@ def index(
 
 def _show(results: Any) -> None:
     header = f"{'rank':>4}  {'distance':>9}  {'patch':>6}  {'window (row, col, h, w)':<24}  "
-    header += f"{'lon':>9}  {'lat':>8}  label"
+    header += f"{'lon':>9}  {'lat':>8}  {'acquired':<10}  label"
     typer.echo(header)
     for row in results.itertuples(index=False):
         window = f"{row.row_off}, {row.col_off}, {row.height}, {row.width}"
@@ -59,7 +64,7 @@ def _show(results: Any) -> None:
             where = f"{'-':>9}  {'-':>8}"
         typer.echo(
             f"{row.rank:>4}  {row.distance:>9.4f}  {row.patch_id:>6}  {window:<24}  {where}  "
-            f"{row.label or ''}"
+            f"{row.acquired or '-':<10}  {row.label or ''}".rstrip()
         )
 
 
@@ -88,8 +93,23 @@ def query(
     include_query: bool = typer.Option(
         False, "--include-query", help="Keep the query patch(es) among the results."
     ),
+    within: str | None = typer.Option(
+        None,
+        "--within",
+        help="Only results intersecting W,S,E,N (degrees) or the polygons of a .gpkg/.geojson "
+        "file (any CRS).",
+    ),
+    after: str | None = typer.Option(
+        None, "--after", help="Only results acquired on or after DATE (YYYY-MM-DD)."
+    ),
+    before: str | None = typer.Option(
+        None, "--before", help="Only results acquired on or before DATE (YYYY-MM-DD)."
+    ),
 ) -> None:
-    """Find the patches most similar to a patch, a place, a box or an image."""
+    """Find the patches most similar to a patch, a place, a box or an image, optionally
+    only within an area (--within) and a time window (--after, --before): the filters apply
+    before ranking, so k results come back whenever k patches pass them."""
+    from anneal_geo.retrieval.filters import SearchFilter
     from anneal_geo.retrieval.geoindex import GeoIndex, export_results, plot_results
 
     given = [name for name, v in (("--patch", patch), ("--point", point), ("--bbox", bbox),
@@ -101,22 +121,23 @@ def query(
         )
     if out is not None and out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
         raise ConfigError(f"--out {out}: use a .gpkg (GeoPackage) or .geojson file")
+    filters = SearchFilter.from_options(within, after, before)
     geo = GeoIndex.load(index_path)
     note = geo.staleness()
     if note:
         typer.echo(f"note: {note}", err=True)
     try:
         if patch is not None:
-            results = geo.query_patch(patch, k, include_query=include_query)
+            results = geo.query_patch(patch, k, include_query=include_query, filters=filters)
         elif point is not None:
             lon, lat = numbers(point, 2, "--point", "103.75,17.92")
-            results = geo.query_point(lon, lat, k, include_query=include_query)
+            results = geo.query_point(lon, lat, k, include_query=include_query, filters=filters)
         elif bbox is not None:
             w, s, e, n = numbers(bbox, 4, "--bbox", "103.72,17.90,103.76,17.93")
-            results = geo.query_bbox(w, s, e, n, k, include_query=include_query)
+            results = geo.query_bbox(w, s, e, n, k, include_query=include_query, filters=filters)
         else:
             assert image is not None
-            results = geo.query_image(image, k)
+            results = geo.query_image(image, k, filters=filters)
         _show(results)
         if out is not None:
             typer.echo(f"wrote {len(results)} results to {export_results(results, out)}")

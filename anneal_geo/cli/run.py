@@ -19,6 +19,7 @@ import typer
 
 from anneal_geo.cli._common import DEFAULT_DATA, load_pool
 from anneal_geo.errors import ConfigError, DataError
+from anneal_geo.session import SessionConfig
 
 __all__ = ["app", "default_out", "read_config_file"]
 
@@ -40,6 +41,8 @@ _COLUMNS = (
 
 #: Plugin settings and their option tables.
 _PLUGINS = ("estimator", "selector", "backbone", "annotator")
+#: A new session's settings; the options below default to them.
+_DEFAULTS = SessionConfig()
 
 
 def _row(record: dict[str, Any]) -> str:
@@ -108,8 +111,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
     Raises:
         ConfigError: unreadable TOML or an unknown setting (the message names the file).
     """
-    from anneal_geo.session import SessionConfig
-
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -158,7 +159,7 @@ def run(
         "kmeans", help="Diversity selector plugin (kmeans, topk, random, ...)."
     ),
     backbone: str = typer.Option(
-        "spectral", help="Backbone plugin (spectral, smallcnn, resnet18, ...)."
+        _DEFAULTS.backbone, help="Backbone plugin (texture, spectral, smallcnn, resnet18, ...)."
     ),
     annotator: str = typer.Option(
         "oracle", help="Annotator plugin (oracle = simulated from labels)."
@@ -177,7 +178,14 @@ def run(
     train_mode: str = typer.Option(
         "head", help="head (cached trunk features) or full fine-tuning."
     ),
-    epochs: int = typer.Option(30, help="Training epochs per round."),
+    epochs: int = typer.Option(_DEFAULTS.epochs, help="Training epochs per round."),
+    margin: float = typer.Option(
+        _DEFAULTS.margin, help="Contrastive loss margin (embedding distances lie in [0, 2])."
+    ),
+    mix: float = typer.Option(
+        _DEFAULTS.mix, help="Weight of the normalised frozen trunk features kept in the embedding "
+        "(0 = the head's output alone)."
+    ),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
     config: Path | None = typer.Option(
@@ -213,7 +221,7 @@ def run(
     from anneal_geo.cli._common import split_bands
     from anneal_geo.engine import check_settings
     from anneal_geo.lock import SessionLock
-    from anneal_geo.session import Session, SessionConfig
+    from anneal_geo.session import Session
 
     settings: dict[str, Any] = read_config_file(config) if config is not None else {}
     from_config = set(settings)
@@ -230,6 +238,8 @@ def run(
         "candidates": candidates,
         "train_mode": train_mode,
         "epochs": epochs,
+        "margin": margin,
+        "mix": mix,
         "bands": split_bands(bands),
     }
     for name, value in given.items():

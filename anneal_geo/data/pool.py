@@ -7,7 +7,8 @@ directory; reopening memory-maps the patches and never touches a raster again. T
 Pool directory (format ``anneal-geo-pool``, version 1):
 
 - ``pool.json``: bands, shape, dtype, classes, normalisation statistics, sources with their
-  SHA-256 and CRS, creation time;
+  SHA-256 and CRS, creation time, and (optional, absent in pools saved before it existed)
+  ``acquired``: per patch its acquisition date ``YYYY-MM-DD`` or null;
 - ``patches.npy``: the (N, C, H, W) array in its native dtype (``.npy``, memory-mappable);
 - ``labels.npy``: (N, L) bool multi-hot, when labelled;
 - ``footprints.gpkg``: one row per patch id, when the sources are georeferenced.
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from anneal_geo.data.bands import RGB_BANDS, band_indices, check_band_names
+from anneal_geo.data.dates import acquisition_dates, check_dates
 from anneal_geo.data.sources import RawPool
 from anneal_geo.errors import DataError
 
@@ -203,6 +205,9 @@ class PatchPool:
         band_mean: float64 (C,) per-band mean, computed once when the pool was built.
         band_std: float64 (C,) per-band standard deviation (population).
         resolution: pixel size in CRS units (metres for UTM) when georeferenced, else None.
+        acquired: per patch, its acquisition date ``YYYY-MM-DD`` (UTC) or None when unknown;
+            read from Sentinel-2 file and folder names (:mod:`anneal_geo.data.dates`)
+            unless given.
         created: ISO time the pool was built.
         path: the pool directory when saved or opened, else None.
 
@@ -220,6 +225,8 @@ class PatchPool:
         footprints: a GeoDataFrame, or a zero-argument callable that builds or reads one
             (called on first access of :attr:`footprints`).
         resolution: pixel size in CRS units.
+        acquired: per patch acquisition date (ISO ``YYYY-MM-DD``) or None; when not given,
+            taken from the sources' Sentinel-2 names.
         created: ISO creation time (now when None).
         path: the pool directory, when it lives on disk.
     """
@@ -241,6 +248,7 @@ class PatchPool:
         resolution: float | None = None,
         created: str | None = None,
         path: str | Path | None = None,
+        acquired: Sequence[str | None] | None = None,
     ) -> None:
         if not isinstance(patches, np.ndarray) or patches.ndim != 4:
             raise DataError(
@@ -271,6 +279,13 @@ class PatchPool:
         if self.band_mean.shape != (c,) or self.band_std.shape != (c,):
             raise DataError(f"band_mean and band_std must have one value per band ({c})")
         self.resolution = None if resolution is None else float(resolution)
+        if acquired is None:
+            self.acquired: list[str | None] = acquisition_dates(self.sources)
+        else:
+            try:
+                self.acquired = check_dates(list(acquired), n, where)
+            except ValueError as exc:
+                raise DataError(f"{exc}; give one ISO date (or None) per patch") from None
         self.created = created or datetime.now(UTC).isoformat(timespec="seconds")
         self.path: Path | None = None if path is None else Path(path)
         self._footprints: Any = None
@@ -480,6 +495,7 @@ class PatchPool:
             "crs": self.source_crs,
             "georeferenced": self.footprints is not None,
             "fingerprint": self.fingerprint,
+            "acquired": self.acquired,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -607,6 +623,7 @@ class PatchPool:
                 resolution=meta.get("resolution"),
                 created=meta.get("created"),
                 path=directory,
+                acquired=meta.get("acquired"),
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{meta_path} lacks {exc}; rebuild the pool") from exc
@@ -739,6 +756,7 @@ class PatchPool:
             source_sha256=self.source_sha256,
             resolution=self.resolution,
             created=self.created,
+            acquired=self.acquired,
         )
         # Same patches, same footprints: share them lazily instead of rebuilding.
         pool._footprint_source = lambda: self.footprints
@@ -811,6 +829,14 @@ class PatchPool:
             )
         else:
             lines.append("CRS:         none (no footprints)")
+        dates = Counter(d for d in self.acquired if d is not None)
+        if dates:
+            unknown = len(self) - sum(dates.values())
+            shown = ", ".join(f"{d} ({k})" for d, k in sorted(dates.items())[:6])
+            more = f", ... ({len(dates)} dates)" if len(dates) > 6 else ""
+            lines.append(
+                f"acquired:    {shown}{more}" + (f", unknown ({unknown})" if unknown else "")
+            )
         lines.append(
             "band mean:   "
             + " ".join(f"{b}={m:.4g}" for b, m in zip(self.bands, self.band_mean, strict=True))

@@ -6,7 +6,12 @@
   checkpoint);
 - for a **bare pool**, training-free spectral features (the ``spectral`` backbone's per-band
   statistics, texture and spectral indices), each standardised to zero mean and unit
-  variance over the pool, so no feature dominates the Euclidean distance by its units.
+  variance over the pool, so no feature dominates the Euclidean distance by its units;
+- for **any pool with an exported model** (``model=``, :mod:`anneal_geo.models`), that
+  model's embeddings: a model learnt on one pool indexes new tiles.
+
+Queries can be restricted to an area and a time window before ranking
+(:class:`~anneal_geo.retrieval.filters.SearchFilter`).
 
 Small pools get an exact ``IndexFlatL2``; from :data:`HNSW_THRESHOLD` patches an
 ``IndexHNSWFlat`` (see ``benchmarks/index_recall.py`` for recall and latency). The faiss row
@@ -42,6 +47,7 @@ from anneal_geo.retrieval.plots import plot_results  # drawn there; importable h
 
 if TYPE_CHECKING:
     from anneal_geo.data.pool import PatchPool
+    from anneal_geo.retrieval.filters import SearchFilter
 
 __all__ = [
     "FORMAT",
@@ -71,7 +77,7 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 RESULT_COLUMNS = (
     "rank", "distance", "patch_id", "source", "row_off", "col_off", "height", "width",
-    "label", "crs", "geometry",
+    "label", "acquired", "crs", "geometry",
 )  # fmt: skip
 _BATCH = 256
 
@@ -195,6 +201,7 @@ class GeoIndex:
         self.path = path
         self._engine: Any = None
         self._trunk: Any = None
+        self._model: Any = None
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -390,8 +397,23 @@ class GeoIndex:
 
     def staleness(self) -> str | None:
         """For a session index: a note when the session has trained further rounds since the
-        index was built (its embeddings have moved on), else None."""
+        index was built (its embeddings have moved on); for a model index, when the model
+        directory holds other weights now; else None."""
         embedder = self.meta.get("embedder", {})
+        if embedder.get("kind") == "model":
+            from anneal_geo.models.card import read_card
+
+            try:
+                current = read_card(embedder["model"]).get("weights_sha256")
+            except Exception:  # a moved model: the index itself is still usable
+                return None
+            if current != embedder.get("weights_sha256"):
+                return (
+                    f"the model in {embedder['model']} was exported again since this index "
+                    "was built; rebuild it with `anneal-geo index POOL --model "
+                    f"{embedder['model']}`"
+                )
+            return None
         if embedder.get("kind") != "session":
             return None
         from anneal_geo.session import Session
@@ -415,9 +437,17 @@ class GeoIndex:
         return np.asarray(self.index.reconstruct_batch(arr), dtype=np.float32)
 
     def search(
-        self, vectors: np.ndarray, k: int, exclude: np.ndarray | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: np.ndarray | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest patches of one query vector, leaving out ``exclude``.
+
+        ``allowed`` (sorted patch ids, from :meth:`SearchFilter.allowed
+        <anneal_geo.retrieval.filters.SearchFilter.allowed>`) restricts the search to those
+        patches before ranking.
 
         Returns:
             ``(distances, patch_ids)``, each (k',) with k' = min(k, patches left), by
@@ -433,16 +463,23 @@ class GeoIndex:
                 "embed it with the index's embedder"
             )
         skip = np.zeros(0, dtype=np.int64) if exclude is None else np.asarray(exclude).ravel()
-        want = min(k + skip.size, len(self))
+        if allowed is not None:
+            skip = skip[np.isin(skip, allowed)]
+        want = min(k + skip.size, len(self) if allowed is None else len(allowed))
         # One query is too little work to share: on a busy machine faiss's OpenMP threads
         # made a single exact search over 10k vectors 600x slower (47 ms instead of 0.08).
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            squared, ids = self.index.search(query, want)
+            if allowed is None:
+                squared, ids = self.index.search(query, want)
+                squared, ids = squared[0], ids[0].astype(np.int64)
+            else:
+                from anneal_geo.retrieval.filters import restricted_search
+
+                squared, ids = restricted_search(self.index, query, want, allowed)
         finally:
             faiss.omp_set_num_threads(threads)
-        squared, ids = squared[0], ids[0].astype(np.int64)
         mask = (ids >= 0) & ~np.isin(ids, skip)
         distances = np.sqrt(np.maximum(squared[mask], 0.0)).astype(np.float32)
         return distances[:k], ids[mask][:k]
@@ -477,9 +514,25 @@ class GeoIndex:
                 crs=[None] * n,
             )
             geometry = [None] * n
+        frame["acquired"] = [self.pool.acquired[i] for i in ids.tolist()]
+        if footprints is not None and query.get("patch_ids"):
+            import shapely
+
+            # The query's own outline travels with the results (the GeoPackage's query layer).
+            outline = shapely.union_all(footprints.geometry.iloc[query["patch_ids"]].to_numpy())
+            query = {**query, "area_wkt": shapely.to_wkt(outline, rounding_precision=-1)}
         result = gpd.GeoDataFrame(frame, geometry=geometry, crs="EPSG:4326")
         result.attrs["query"] = query
         return result[list(RESULT_COLUMNS)]
+
+    @staticmethod
+    def _filtered(
+        pool: PatchPool, filters: SearchFilter | None
+    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The allowed patch ids of ``filters`` (None: no filter) and their description."""
+        if filters is None:
+            return None, {}
+        return filters.allowed(pool), {"filters": filters.describe()}
 
     def _footprints_or_fail(self, what: str) -> Any:
         footprints = self.pool.footprints
@@ -490,14 +543,22 @@ class GeoIndex:
             )
         return footprints
 
-    def query_patch(self, patch_id: int, k: int = 20, *, include_query: bool = False) -> Any:
+    def query_patch(
+        self,
+        patch_id: int,
+        k: int = 20,
+        *,
+        include_query: bool = False,
+        filters: SearchFilter | None = None,
+    ) -> Any:
         """The ``k`` patches most similar to pool patch ``patch_id`` (itself left out unless
-        ``include_query``)."""
+        ``include_query``), among those passing ``filters`` (area, dates) when given."""
         pid = int(self.pool._check_ids(patch_id))
+        allowed, described = self._filtered(self.pool, filters)
         distances, ids = self.search(
-            self.vectors([pid])[0], k, None if include_query else np.array([pid])
+            self.vectors([pid])[0], k, None if include_query else np.array([pid]), allowed
         )
-        return self._frame(distances, ids, {"kind": "patch", "patch_ids": [pid]})
+        return self._frame(distances, ids, {"kind": "patch", "patch_ids": [pid], **described})
 
     def patch_at(self, lon: float, lat: float) -> int:
         """The patch whose footprint contains (lon, lat); of several, the one whose centre is
@@ -527,12 +588,18 @@ class GeoIndex:
         return int(footprints["patch_id"].to_numpy()[hits[nearest]])
 
     def query_point(
-        self, lon: float, lat: float, k: int = 20, *, include_query: bool = False
+        self,
+        lon: float,
+        lat: float,
+        k: int = 20,
+        *,
+        include_query: bool = False,
+        filters: SearchFilter | None = None,
     ) -> Any:
         """The ``k`` patches most similar to the patch at (lon, lat) (EPSG:4326)."""
         pid = self.patch_at(lon, lat)
-        frame = self.query_patch(pid, k, include_query=include_query)
-        frame.attrs["query"] = {"kind": "point", "point": [lon, lat], "patch_ids": [pid]}
+        frame = self.query_patch(pid, k, include_query=include_query, filters=filters)
+        frame.attrs["query"] = {**frame.attrs["query"], "kind": "point", "point": [lon, lat]}
         return frame
 
     def query_bbox(
@@ -544,9 +611,11 @@ class GeoIndex:
         k: int = 20,
         *,
         include_query: bool = False,
+        filters: SearchFilter | None = None,
     ) -> Any:
         """The ``k`` patches most similar to the mean embedding of the patches that
         intersect the box (EPSG:4326); those patches are left out unless ``include_query``.
+        ``filters`` restrict the results (not the box's patches).
         """
         import shapely
 
@@ -565,18 +634,22 @@ class GeoIndex:
             )
         ids = np.sort(footprints["patch_id"].to_numpy()[hits].astype(np.int64))
         centre = self.vectors(ids).mean(axis=0)
-        distances, found = self.search(centre, k, None if include_query else ids)
-        return self._frame(
-            distances,
-            found,
-            {"kind": "bbox", "bbox": [west, south, east, north], "patch_ids": ids.tolist()},
-        )
+        allowed, described = self._filtered(self.pool, filters)
+        distances, found = self.search(centre, k, None if include_query else ids, allowed)
+        query = {"kind": "bbox", "bbox": [west, south, east, north], "patch_ids": ids.tolist()}
+        return self._frame(distances, found, {**query, **described})
 
-    def query_image(self, path: str | Path, k: int = 20) -> Any:
+    def query_image(
+        self, path: str | Path, k: int = 20, *, filters: SearchFilter | None = None
+    ) -> Any:
         """The ``k`` patches most similar to an image file (its patches' mean embedding)."""
+        from anneal_geo.retrieval.filters import image_outline
+
         vector = self.embed_patches(self.image_patches(path)).mean(axis=0)
-        distances, ids = self.search(vector, k)
-        return self._frame(distances, ids, {"kind": "image", "image": str(path)})
+        allowed, described = self._filtered(self.pool, filters)
+        distances, ids = self.search(vector, k, None, allowed)
+        query = {"kind": "image", "image": str(path), "image_wkt": image_outline(path)}
+        return self._frame(distances, ids, {**query, **described})
 
     # -- embedding new images ---------------------------------------------------------------
     def embed_patches(self, patches: np.ndarray) -> np.ndarray:
@@ -598,6 +671,12 @@ class GeoIndex:
                 self._engine = _session_engine(session_dir, self.pool)
             out = self._engine.trainer.embed_patches(arr)
             return np.asarray(out, dtype=np.float32)
+        if embedder["kind"] == "model":
+            if self._model is None:
+                from anneal_geo.models.model import load_model
+
+                self._model = load_model(embedder["model"])
+            return np.asarray(self._model.embed(arr, bands=embedder["bands"]), dtype=np.float32)
         raise DataError(f"index embedder {embedder['kind']!r} is unknown; rebuild the index")
 
     def image_patches(self, path: str | Path) -> np.ndarray:
@@ -686,22 +765,49 @@ class GeoIndex:
 
 
 def build_index(
-    source: str | Path, out: str | Path | None = None, *, kind: str = "auto"
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    kind: str = "auto",
+    model: str | Path | None = None,
 ) -> GeoIndex:
     """Embed a session's or a bare pool's patches and save the index.
 
     Args:
         source: a session directory (``session.toml``: its current embeddings) or a pool
-            directory (``pool.json``: standardised spectral features).
+            directory (``pool.json``: standardised spectral features, or ``model``'s
+            embeddings).
         out: where to write ``index.faiss``/``index.json`` (default: ``source`` itself).
         kind: ``auto``, ``flat`` or ``hnsw``.
+        model: an exported model directory (``anneal-geo export``) that embeds the pool;
+            only with a pool directory.
 
     Raises:
-        DataError: ``source`` is neither a session nor a pool directory.
+        DataError: ``source`` is neither a session nor a pool directory, or ``model`` is
+            given with a session, or the pool lacks a band the model needs.
     """
     from anneal_geo.data.pool import POOL_FILE, PatchPool
 
     source = Path(source)
+    if model is not None:
+        if not (source / POOL_FILE).is_file():
+            raise DataError(
+                f"--model indexes a pool directory ({POOL_FILE}), and {source} is none; a "
+                "session is indexed with its own model (`anneal-geo index SESSION`)"
+            )
+        from anneal_geo.models.model import load_model
+
+        pool = PatchPool.open(source)
+        loaded = load_model(model)
+        embedder = {
+            "kind": "model",
+            "model": str(Path(model).resolve()),
+            "weights_sha256": loaded.card["weights_sha256"],
+            "bands": list(loaded.bands),
+        }
+        index = GeoIndex.build(loaded.embed(pool), pool, embedder=embedder, kind=kind)
+        index.save(source if out is None else out)
+        return index
     if (source / "session.toml").is_file():
         from anneal_geo.lock import SessionLock
 
@@ -730,6 +836,10 @@ def build_index(
 def export_results(results: Any, path: str | Path) -> Path:
     """Write query results as a GeoPackage (``.gpkg``, layer ``results``) or GeoJSON.
 
+    A GeoPackage also gets the query as a layer of its own, ``query`` (rank 0 rows: the
+    query patches' outline, the point, box or image, and the search area; see
+    :func:`~anneal_geo.retrieval.filters.query_layer`); ``results`` stays the first layer.
+
     Raises:
         ConfigError: another file extension.
         DataError: the results have no geometry (the pool is not georeferenced).
@@ -747,12 +857,20 @@ def export_results(results: Any, path: str | Path) -> Path:
             f"written as {suffix}"
         )
     frame = results.copy()
-    frame["label"] = frame["label"].astype(object)  # all-None has no type GDAL can store
+    for column in ("label", "acquired"):
+        if column in frame:
+            frame[column] = frame[column].astype(object)  # all-None has no type GDAL can store
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         layer = {"layer": "results"} if suffix == ".gpkg" else {}
         frame.to_file(path, driver=drivers[suffix], engine="pyogrio", **layer)
+        if suffix == ".gpkg":
+            from anneal_geo.retrieval.filters import QUERY_LAYER, query_layer
+
+            query = query_layer(results)
+            if query is not None:
+                query.to_file(path, driver="GPKG", engine="pyogrio", layer=QUERY_LAYER)
     except OSError as exc:
         raise DataError(f"cannot write {path} ({exc}); choose a writable file") from exc
     return path

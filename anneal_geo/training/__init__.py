@@ -3,7 +3,8 @@
 Two modes:
 
 - ``"head"``: the trunk's features of the whole pool are computed once
-  (:meth:`Trainer.cache_features`) and each round trains only the projection head on them;
+  (:meth:`Trainer.cache_features`; a trunk that fits pool statistics, such as ``texture``'s,
+  is fitted on the pool then, once) and each round trains only the projection head on them;
   re-embedding the pool is a pass of the small head (milliseconds). The fast first stage.
 - ``"full"``: trunk and head train end to end on the raw patches of the answered pairs
   (Adam, ``lr_trunk`` for the trunk, ``lr_head`` for the head), with random flips and
@@ -12,8 +13,12 @@ Two modes:
 Loss (METHOD.md 3.8): contrastive ``y d^2 + (1 - y) max(0, m - d)^2`` on L2-normalised
 embeddings, margin ``m = 0.5``, or a triplet loss on triplets formed from the pairs. Every
 batch holds as many similar as dissimilar pairs (drawn with replacement, so the rarer answer
-is repeated). The trainer keeps the model and the optimizer state between rounds (warm start)
-and draws every random number from its own seeded ``torch.Generator``.
+is repeated). A round trains on at most ``pair_budget`` labelled pairs: every queried pair and
+a fresh class-balanced sample of the implied ones, so its cost does not grow with the implied
+pairs. The embedding is the head's output, optionally concatenated with ``mix`` times the
+L2-normalised trunk features (:class:`MetricModel`). The trainer keeps the model and the
+optimizer state between rounds (warm start) and draws every random number from its own seeded
+``torch.Generator``.
 
 A *patch source* is either an array (N, C, H, W) in the pool's units (a ``np.memmap`` works),
 or a function ``get_batch(ids) -> (len(ids), C, H, W) float32`` together with ``n``, e.g.

@@ -49,6 +49,10 @@ _DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"epochs": 20, "batch_pairs": 256, "min_steps": 50, "max_steps": 2000},
     "full": {"epochs": 5, "batch_pairs": 64, "min_steps": 20, "max_steps": 300},
 }
+#: Most labelled pairs one round trains on (see ``pair_budget``): with the default epochs and
+#: batch a round at 2,000 answers on a 4,000-patch pool (hundreds of thousands of implied
+#: pairs) takes a few seconds of head training on one CPU thread.
+DEFAULT_PAIR_BUDGET = 4096
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,13 @@ class RoundStats:
         loss_last: the mean loss over its last 10 % of steps.
         steps: optimizer steps taken.
         seconds: wall-clock time of the round.
-        n_pairs: labelled pairs trained on.
+        n_pairs: labelled pairs given (queried and implied).
         n_similar: of which similar.
         n_dissimilar: of which dissimilar.
         loss_name: ``"contrastive"`` or ``"triplet"`` (what was actually used).
+        n_trained: labelled pairs the round drew its batches from (every pair, or the
+            round's sample of ``pair_budget`` pairs).
+        n_trained_similar: of which similar.
     """
 
     round: int
@@ -80,6 +87,8 @@ class RoundStats:
     n_similar: int
     n_dissimilar: int
     loss_name: str
+    n_trained: int = 0
+    n_trained_similar: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The statistics as a JSON-ready dict."""
@@ -139,7 +148,8 @@ class Trainer:
         margin: the loss margin m, in embedding distance units (distances lie in [0, 2]).
         lr_head: Adam learning rate of the head.
         lr_trunk: Adam learning rate of the trunk (``"full"`` mode).
-        epochs: passes over the labelled pairs per round (default 20 head, 5 full).
+        epochs: passes over the round's labelled pairs (all of them, or its sample of
+            ``pair_budget``) per round (default 20 head, 5 full).
         batch_pairs: pairs per step, half similar, half dissimilar (default 256 head, 64 full).
         min_steps: fewest steps per round (default 50 head, 20 full).
         max_steps: most steps per round (default 2000 head, 300 full).
@@ -150,6 +160,12 @@ class Trainer:
         seed: seed of the trainer's generator (pair sampling, augmentation).
         device: torch device, ``"cpu"`` by default.
         progress: show tqdm bars while embedding (None: only on a terminal).
+        pair_budget: most labelled pairs a round trains on (default 4,096; 0 = every
+            pair). When the labelled set is larger, each round keeps every queried pair
+            (``implied`` False in :meth:`train_round`) and draws the rest afresh from the
+            implied pairs, as many similar as dissimilar where both are there, so the steps
+            of a round, ``epochs * min(pairs, pair_budget) / batch_pairs`` within
+            ``min_steps``..``max_steps``, do not grow with the implied pairs.
 
     Raises:
         ConfigError: a setting is out of range.
@@ -173,6 +189,7 @@ class Trainer:
         seed: int = 0,
         device: str = "cpu",
         progress: bool | None = None,
+        pair_budget: int | None = None,
     ) -> None:
         import torch
 
@@ -198,6 +215,7 @@ class Trainer:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.progress = progress
+        self.pair_budget = int(DEFAULT_PAIR_BUDGET if pair_budget is None else pair_budget)
         for name, value in (
             ("margin", self.margin),
             ("lr_head", self.lr_head),
@@ -208,6 +226,11 @@ class Trainer:
                 raise ConfigError(f"trainer setting {name} must be positive, got {value}")
         if self.batch_pairs < 2:
             raise ConfigError(f"trainer setting batch_pairs must be at least 2, got {batch_pairs}")
+        if self.pair_budget < 0 or 0 < self.pair_budget < 2:
+            raise ConfigError(
+                f"trainer setting pair_budget must be 0 (every pair) or at least 2, got "
+                f"{pair_budget}"
+            )
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(
                 "trainer settings need 1 <= min_steps <= max_steps, got "
@@ -232,6 +255,28 @@ class Trainer:
         """The cached trunk features (N, trunk.out_dim) float32, or None."""
         return None if self._features is None else self._features.cpu().numpy()
 
+    @property
+    def trunk_fits_statistics(self) -> bool:
+        """Whether the trunk fits pool statistics before its features mean anything: it has
+        ``raw_features(x)`` and ``fit_statistics(raw)`` (e.g. the ``texture`` backbone's
+        trunk), and a boolean ``fitted`` attribute (False until fitted)."""
+        trunk = self.model.trunk
+        return callable(getattr(trunk, "fit_statistics", None)) and callable(
+            getattr(trunk, "raw_features", None)
+        )
+
+    @property
+    def trunk_fitted(self) -> bool:
+        """False only for a trunk that fits statistics and has not been fitted yet."""
+        return not self.trunk_fits_statistics or bool(getattr(self.model.trunk, "fitted", False))
+
+    @staticmethod
+    def trunk_state_path(path: str | Path) -> Path:
+        """Where :meth:`cache_features` keeps the fitted trunk's state next to the features
+        file ``path`` (``NAME.npy`` -> ``NAME.trunk.pt``)."""
+        target = Path(path)
+        return target.with_name(target.stem + ".trunk.pt")
+
     def cache_features(
         self,
         source: PatchSource,
@@ -242,29 +287,79 @@ class Trainer:
     ) -> np.ndarray:
         """Compute the trunk features of every patch once and keep them for head training.
 
+        A trunk that fits pool statistics (:attr:`trunk_fits_statistics`) and is not fitted
+        yet is fitted here, on these patches: its raw features are streamed in chunks (at
+        least 1,024 patches each), ``fit_statistics`` gets all of them, and the features are
+        the normalised raw ones. A fitted trunk is never fitted again, so the pool it was
+        fitted on stays its reference (new patches are embedded with the saved statistics).
+
         Args:
             source: the patches (array or ``get_batch`` function, see the module docs).
             n: the number of patches when ``source`` is a function.
             batch_size: patches per forward pass.
             path: also save the features there as ``.npy`` (reuse them later with
-                :meth:`set_features`; they are valid while the trunk and pool are unchanged).
+                :meth:`set_features`; they are valid while the trunk and pool are unchanged),
+                and, for a trunk that fits statistics, its state next to it
+                (:meth:`trunk_state_path`, read back with :meth:`load_trunk_state`). Both
+                are written atomically, the state first.
 
         Returns:
             the features, (N, trunk.out_dim) float32.
         """
-        features = self._run_batches(self.model.trunk, _Getter(source, n), batch_size, "features")
+        getter = _Getter(source, n)
+        if self.trunk_fitted:
+            features = self._run_batches(self.model.trunk, getter, batch_size, "features")
+        else:
+            features = self._fit_trunk(getter, max(batch_size, 1024))
         self.set_features(features)
         if path is not None:
-            # Atomically (temporary file, then rename): a killed process never leaves a
-            # truncated cache behind.
-            target = Path(path)
-            tmp = target.with_name(target.name + ".partial")
-            with open(tmp, "wb") as handle:
-                np.save(handle, features)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            if self.trunk_fits_statistics:
+                self.save_trunk_state(self.trunk_state_path(path))
+            _atomic_save(Path(path), lambda handle: np.save(handle, features))
         return features
+
+    def _fit_trunk(self, getter: _Getter, batch_size: int) -> np.ndarray:
+        """Fit the trunk's statistics on every patch of ``getter``; its normalised features."""
+        import torch
+
+        trunk: Any = self.model.trunk
+        raw = self._run_batches(
+            trunk, getter, batch_size, "trunk statistics", call=trunk.raw_features
+        )
+        try:
+            trunk.fit_statistics(raw)
+        except ValueError as exc:
+            raise DataError(f"cannot fit the trunk's pool statistics: {exc}") from exc
+        normalise = getattr(trunk, "normalise", None)
+        if not callable(normalise):
+            return self._run_batches(trunk, getter, batch_size, "features")
+        with torch.inference_mode():
+            out = normalise(torch.from_numpy(raw).to(self.device)).float().cpu().numpy()
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def save_trunk_state(self, path: str | Path) -> None:
+        """Write the trunk's state dict (its fitted statistics) to ``path``, atomically."""
+        import torch
+
+        state = {k: v.detach().cpu() for k, v in self.model.trunk.state_dict().items()}
+        _atomic_save(Path(path), lambda handle: torch.save(state, handle))
+
+    def load_trunk_state(self, path: str | Path) -> bool:
+        """Load a trunk state written by :meth:`save_trunk_state`; True when it loaded and
+        left the trunk fitted, False (trunk unchanged) when the file is missing, unreadable
+        or does not fit."""
+        import torch
+
+        target = Path(path)
+        if not target.is_file():
+            return False
+        try:
+            state = torch.load(target, map_location=self.device, weights_only=True)
+            self.model.trunk.load_state_dict(state)
+        except Exception as exc:  # any damage means: fit again
+            log.warning("%s cannot be used (%s); fitting the trunk again", target, exc)
+            return False
+        return self.trunk_fitted
 
     def set_features(self, features: np.ndarray) -> None:
         """Use precomputed trunk features (N, trunk.out_dim), e.g. loaded from a ``.npy``."""
@@ -286,6 +381,8 @@ class Trainer:
         labels: np.ndarray,
         source: PatchSource | None = None,
         n: int | None = None,
+        *,
+        implied: np.ndarray | None = None,
     ) -> RoundStats:
         """Train on the labelled pairs for one round, continuing from the previous round.
 
@@ -295,6 +392,9 @@ class Trainer:
             source: the patches, required in ``"full"`` mode (ignored in ``"head"`` mode,
                 which uses the cached features).
             n: the number of patches when ``source`` is a function.
+            implied: (M,) bool, True for pairs implied by transitivity (not asked). Beyond
+                ``pair_budget`` pairs, the queried ones are always trained on and the
+                implied ones sampled; without it every pair may be left out of the sample.
 
         Returns:
             the round's :class:`RoundStats`.
@@ -316,13 +416,21 @@ class Trainer:
                 raise DataError("full mode needs the patches: pass source= to train_round()")
             getter = _Getter(source, n)
             n_patches = getter.n
-        pairs, labels = _check_pairs(pairs, labels, n_patches)
-        similar = np.flatnonzero(labels == 1)
-        dissimilar = np.flatnonzero(labels == 0)
+        if implied is not None:
+            implied = np.asarray(implied, dtype=bool)
+            if implied.shape != (len(np.asarray(pairs)),):
+                raise DataError(
+                    f"implied must have shape ({len(np.asarray(pairs))},), got {implied.shape}"
+                )
+        pairs, labels, implied = _check_pairs(pairs, labels, n_patches, implied)
+        n_similar_all = int(np.count_nonzero(labels == 1))
+        rows_round = self._round_sample(labels, implied)
+        similar = rows_round[labels[rows_round] == 1]
+        dissimilar = rows_round[labels[rows_round] == 0]
         steps = int(
             min(
                 self.max_steps,
-                max(self.min_steps, math.ceil(self.epochs * len(pairs) / self.batch_pairs)),
+                max(self.min_steps, math.ceil(self.epochs * len(rows_round) / self.batch_pairs)),
             )
         )
         lookup = (
@@ -330,7 +438,11 @@ class Trainer:
             if self.mode == "full" and self.batch_all
             else None
         )
-        triplets = _TripletSampler(pairs, labels) if self.loss_name == "triplet" else None
+        triplets = (
+            _TripletSampler(pairs[rows_round], labels[rows_round])
+            if self.loss_name == "triplet"
+            else None
+        )
         use_triplets = triplets is not None and triplets.possible
         if triplets is not None and not use_triplets:
             log.warning(
@@ -379,12 +491,43 @@ class Trainer:
             steps=steps,
             seconds=time.perf_counter() - start,
             n_pairs=len(pairs),
-            n_similar=len(similar),
-            n_dissimilar=len(dissimilar),
+            n_similar=n_similar_all,
+            n_dissimilar=len(pairs) - n_similar_all,
             loss_name="triplet" if use_triplets else "contrastive",
+            n_trained=len(rows_round),
+            n_trained_similar=len(similar),
         )
         log.info("training round %d: %s", self.rounds, stats.as_dict())
         return stats
+
+    def _round_sample(self, labels: np.ndarray, implied: np.ndarray | None) -> np.ndarray:
+        """Rows of the labelled pairs this round trains on (sorted): every row within
+        ``pair_budget``; beyond it every queried row plus implied rows drawn without
+        replacement, half similar and half dissimilar (the rest from the other answer when
+        one runs short)."""
+        import torch
+
+        n = len(labels)
+        budget = self.pair_budget
+        if budget == 0 or n <= budget:
+            return np.arange(n, dtype=np.int64)
+        keep = np.zeros(n, dtype=bool) if implied is None else ~implied
+        kept = np.flatnonzero(keep)
+        room = max(0, budget - len(kept))
+        rest = np.flatnonzero(~keep)
+        sim = rest[labels[rest] == 1]
+        dis = rest[labels[rest] == 0]
+        take_sim = min(len(sim), room // 2)
+        take_dis = min(len(dis), room - take_sim)
+        take_sim = min(len(sim), room - take_dis)
+
+        def draw(rows: np.ndarray, k: int) -> np.ndarray:
+            if k >= len(rows):
+                return rows
+            return rows[torch.randperm(len(rows), generator=self.generator)[:k].numpy()]
+
+        chosen = np.concatenate([kept, draw(sim, take_sim), draw(dis, take_dis)])
+        return np.sort(chosen.astype(np.int64))
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -413,7 +556,8 @@ class Trainer:
     def embed(
         self, source: PatchSource | None = None, n: int | None = None, *, batch_size: int = 256
     ) -> np.ndarray:
-        """L2-normalised embeddings of the whole pool, (N, out_dim) float32.
+        """L2-normalised embeddings of the whole pool, (N, D) float32 (D: the model's
+        ``embedding_dim``).
 
         Head mode uses the cached trunk features (a pass of the head only; ``source`` is
         used only when nothing is cached yet, and is then cached); full mode runs the whole
@@ -442,12 +586,12 @@ class Trainer:
             batch_size: patches per forward pass.
 
         Returns:
-            (N, out_dim) float32, L2-normalised rows.
+            (N, D) float32, L2-normalised rows.
         """
         return self._run_batches(self.model, _Getter(source, n), batch_size, "embedding")
 
     def embed_features(self, features: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-        """The head and L2 normalisation on trunk features (N, trunk.out_dim)."""
+        """The head, mixing and L2 normalisation on trunk features (N, trunk.out_dim)."""
         import torch
 
         arr = np.asarray(features, dtype=np.float32)
@@ -458,11 +602,16 @@ class Trainer:
                 chunk = torch.from_numpy(arr[start : start + batch_size]).to(self.device)
                 out.append(self.model.embed_features(chunk).cpu().numpy())
         if not out:
-            return np.zeros((0, self.model.out_dim), dtype=np.float32)
+            return np.zeros((0, self.model.embedding_dim), dtype=np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _run_batches(
-        self, module: torch.nn.Module, getter: _Getter, batch_size: int, what: str
+        self,
+        module: torch.nn.Module,
+        getter: _Getter,
+        batch_size: int,
+        what: str,
+        call: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> np.ndarray:
         import torch
         from tqdm.auto import tqdm
@@ -486,13 +635,14 @@ class Trainer:
                 leave=False,
             ):
                 x = torch.from_numpy(getter(ids)).to(self.device)
-                y = module(x).float().cpu().numpy()
+                y = (module if call is None else call)(x).float().cpu().numpy()
                 if out is None:
                     out = np.empty((getter.n, y.shape[1]), dtype=np.float32)
                 out[int(ids[0]) : int(ids[-1]) + 1] = y
         module.train(was_training)
         if out is None:
-            return np.zeros((0, int(getattr(module, "out_dim", 0))), dtype=np.float32)
+            dim = getattr(module, "embedding_dim", getattr(module, "out_dim", 0))
+            return np.zeros((0, int(dim)), dtype=np.float32)
         result = out
         if not np.isfinite(result).all():
             raise DataError(f"the model produced NaN or infinite {what}; check the patches")
@@ -532,11 +682,25 @@ class Trainer:
         self.rounds = int(state["rounds"])
 
 
+def _atomic_save(target: Path, write: Callable[[Any], None]) -> None:
+    """``write(handle)`` into a temporary file next to ``target``, then rename: a killed
+    process never leaves a truncated file behind."""
+    tmp = target.with_name(target.name + ".partial")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
 # ---------------------------------------------------------------------- batching helpers
 
 
-def _check_pairs(pairs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validated (pairs int64 (M, 2), labels int64 (M,)) with skipped (-1) rows dropped."""
+def _check_pairs(
+    pairs: np.ndarray, labels: np.ndarray, n: int, implied: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validated (pairs int64 (M, 2), labels int64 (M,), implied) with skipped (-1) rows
+    dropped."""
     p = np.asarray(pairs)
     y = np.asarray(labels)
     if p.ndim != 2 or p.shape[1] != 2 or p.dtype.kind not in "iu":
@@ -545,6 +709,8 @@ def _check_pairs(pairs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndar
         raise DataError(f"labels must have shape ({len(p)},), got {y.shape}")
     keep = y != -1
     p, y = p[keep].astype(np.int64), y[keep].astype(np.int64)
+    if implied is not None:
+        implied = implied[keep]
     if not np.isin(y, (0, 1)).all():
         raise DataError("labels must be 1 (similar), 0 (dissimilar) or -1 (skipped)")
     if len(p) == 0:
@@ -554,7 +720,7 @@ def _check_pairs(pairs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndar
     same = np.flatnonzero(p[:, 0] == p[:, 1])
     if len(same):
         raise DataError(f"pair ({p[same[0], 0]}, {p[same[0], 1]}) joins a patch to itself")
-    return p, y
+    return p, y, implied
 
 
 def _balanced_rows(
