@@ -700,7 +700,7 @@ class Engine:
         from anneal_geo.pairs.transitivity import closure
 
         pairs, labels, _ = self.store.answers()
-        return closure(pairs, labels, n=len(self.pool))
+        return closure(pairs, labels, n=len(self.pool), implies=self.config.transitivity)
 
     def _writable(self, what: str) -> PairStore:
         if self.read_only:

@@ -88,6 +88,9 @@ class SessionConfig:
             0.5 and 1 on the same validation splits).
         pair_budget: most labelled pairs a round trains on (every queried pair, the rest
             sampled from the implied ones, class-balanced; 0 = every pair).
+        transitivity: what the answers imply (METHOD.md 3.7): ``full`` (similar components
+            and dissimilar cross blocks), ``similar`` (the components' similar pairs only) or
+            ``none`` (train on the answers alone).
         embedding_dim: D of the metric space.
         query_fraction: share of each class held out as retrieval queries.
         eval_k: k of mAP@k.
@@ -114,6 +117,7 @@ class SessionConfig:
     margin: float = 1.4
     mix: float = 0.25
     pair_budget: int = 4096
+    transitivity: str = "full"
     embedding_dim: int = 128
     query_fraction: float = 0.2
     eval_k: int = 20
@@ -154,7 +158,7 @@ class SessionConfig:
 #: Settings that session.toml files written before they existed lack, with the value that
 #: keeps such a session behaving as it did when it was written (its default for a new
 #: session may differ): retrieval without the mixed-in features, and training on every pair.
-SETTINGS_ADDED_LATER: dict[str, Any] = {"mix": 0.0, "pair_budget": 0}
+SETTINGS_ADDED_LATER: dict[str, Any] = {"mix": 0.0, "pair_budget": 0, "transitivity": "full"}
 
 
 # -- checking settings: types from the annotations, ranges from a table ---------------------
@@ -185,6 +189,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "candidates": ("auto", "exhaustive", "knn", "uniform"),
     "train_mode": ("head", "full"),
+    "transitivity": ("full", "similar", "none"),
 }
 
 

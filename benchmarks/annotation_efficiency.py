@@ -83,6 +83,7 @@ BASELINES = (CLASS_LABELS, SUPERVISED, SUPERVISED_CE, CNN)
 #: Settings a variant may change (``--variant "key=value ..."``).
 VARIANT_KEYS = {
     "backbone": str,
+    "transitivity": str,
     "margin": float,
     "mix": float,
     "epochs": int,
@@ -131,6 +132,7 @@ def run_method(
         margin=_setting(args, "margin"),
         mix=_setting(args, "mix"),
         pair_budget=_setting(args, "pair_budget"),
+        transitivity=_setting(args, "transitivity"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
@@ -240,25 +242,29 @@ def plot(summary: dict[str, Any], title: str, path: Path, bounds: dict | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.8), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15.0, 4.8), dpi=110, sharey=True)
     for ax, key, label in (
         (axes[0], "queried_pairs", "queried pairs"),
         (axes[1], "bits", "annotation bits (1 per pair, log2(C) per class label)"),
     ):
-        for name, s in summary.items():
+        # tab20 (light and dark of 10 hues) keeps up to 20 curves apart, the same colour
+        # for a method in both panels.
+        for i, (name, s) in enumerate(summary.items()):
             if key == "queried_pairs" and name == CLASS_LABELS:
                 continue
             x = np.array(s[key], dtype=float)
             m, sd = np.array(s["mean"]), np.array(s["std"])
             style = "--" if "flipped" in name else "-"
-            ax.plot(x, m, style, marker="o", markersize=3, label=name)
-            ax.fill_between(x, m - sd, m + sd, alpha=0.12)
+            colour = plt.cm.tab20((2 * i + i // 10) % 20)
+            ax.plot(x, m, style, marker="o", markersize=3, label=name, color=colour)
+            ax.fill_between(x, m - sd, m + sd, alpha=0.12, color=colour)
         for i, (name, value) in enumerate((bounds or {}).items()):
-            ax.axhline(value, color=f"C{(i + 7) % 10}", linestyle=":", label=f"{name}")
+            ax.axhline(value, color=("black", "dimgray", "darkgray")[i % 3], linestyle=":",
+                       label=f"{name}")  # fmt: skip
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mAP@20 on held-out queries")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the curves
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
@@ -352,6 +358,7 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
         "answers": args.answers,
         "pair_budget": args.pair_budget,
         "train_mode": args.train_mode,
+        "transitivity": args.transitivity,
         **variant,
     }
     settings["rounds"] = math.ceil((settings["answers"] - settings["initial"]) / settings["budget"])
@@ -505,6 +512,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--pair-budget", type=int, default=DEFAULTS.pair_budget)
     parser.add_argument("--train-mode", default="head")
+    parser.add_argument("--transitivity", default=DEFAULTS.transitivity)
     parser.add_argument("--cnn-rounds", type=int, default=20, help="rounds of the small CNN")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--validation", action="store_true", help="archive only (see above)")

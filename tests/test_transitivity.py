@@ -40,6 +40,41 @@ def test_dissimilar_between_components_implies_cross_pairs() -> None:
     assert c.pairs.tolist() == sorted(c.pairs.tolist())
 
 
+def test_implies_similar_keeps_components_and_none_keeps_the_answers() -> None:
+    pairs, labels = [(10, 11), (12, 13), (11, 12), (13, 14)], [1, 1, 0, 1]
+    full = run(pairs, labels)
+    assert as_dict(full, implied=True) == {
+        (10, 12): 0, (10, 13): 0, (10, 14): 0, (11, 13): 0, (11, 14): 0, (12, 14): 1,
+    }  # fmt: skip
+    similar = run(pairs, labels, implies="similar")
+    assert as_dict(similar, implied=True) == {(12, 14): 1}
+    none = run(pairs, labels, implies="none")
+    assert none.n_implied == 0 and as_dict(none) == as_dict(full, implied=False)
+    with pytest.raises(ValueError, match="implies = 'some'"):
+        run(pairs, labels, implies="some")
+
+
+def test_the_transitivity_setting_reaches_the_engine(tmp_path: Path) -> None:
+    from anneal_geo.data.pool import PatchPool
+    from anneal_geo.engine import Engine
+    from anneal_geo.errors import ConfigError
+    from anneal_geo.session import Session, SessionConfig
+
+    pool = PatchPool.load(EUROSAT_MS)
+    implied = {}
+    for mode in ("full", "none"):
+        config = SessionConfig(
+            data=str(EUROSAT_MS), rounds=0, initial=30, epochs=1, transitivity=mode
+        )
+        session = Session.create(tmp_path / mode, config)
+        with Engine(session, pool, progress=False) as engine:
+            engine.run()
+            implied[mode] = engine.labelled().n_implied
+    assert implied["full"] > 0 and implied["none"] == 0
+    with pytest.raises(ConfigError, match="setting 'transitivity' is 'some'"):
+        SessionConfig(transitivity="some").validate()
+
+
 def test_two_dissimilar_imply_nothing() -> None:
     c = run([(0, 1), (1, 2)], [0, 0])
     assert c.n_implied == 0

@@ -186,6 +186,10 @@ def run(
         _DEFAULTS.mix, help="Weight of the normalised frozen trunk features kept in the embedding "
         "(0 = the head's output alone)."
     ),
+    transitivity: str = typer.Option(
+        _DEFAULTS.transitivity, help="What the answers imply: full (similar groups and "
+        "dissimilar cross pairs), similar (groups only) or none (the answers alone)."
+    ),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
     config: Path | None = typer.Option(
@@ -240,6 +244,7 @@ def run(
         "epochs": epochs,
         "margin": margin,
         "mix": mix,
+        "transitivity": transitivity,
         "bands": split_bands(bands),
     }
     for name, value in given.items():

@@ -15,7 +15,10 @@ import numpy as np
 
 from anneal_geo.pairs.candidates import in_sorted, triu_pairs
 
-__all__ = ["DEFAULT_MAX_IMPLIED", "Closure", "closure"]
+__all__ = ["DEFAULT_MAX_IMPLIED", "IMPLIES", "Closure", "closure"]
+
+#: What :func:`closure` may imply (its ``implies`` argument, the ``transitivity`` setting).
+IMPLIES: tuple[str, ...] = ("full", "similar", "none")
 
 #: Most implied pairs :func:`closure` returns; beyond it a seeded random subset is kept.
 DEFAULT_MAX_IMPLIED = 2_000_000
@@ -118,6 +121,7 @@ def closure(
     *,
     max_implied: int = DEFAULT_MAX_IMPLIED,
     seed: int | np.random.Generator = 0,
+    implies: str = "full",
 ) -> Closure:
     """Expand answers by transitivity; never raises on contradictory answers.
 
@@ -130,6 +134,8 @@ def closure(
             size is kept and ``truncated`` is set (a component of s patches alone implies
             s (s - 1) / 2 pairs).
         seed: seed or generator of that subset.
+        implies: ``full`` (similar components and dissimilar cross blocks), ``similar``
+            (the components' similar pairs only) or ``none`` (the answers alone).
 
     Returns:
         The :class:`Closure`: queried pairs with their answers, plus implied pairs.
@@ -139,6 +145,8 @@ def closure(
     """
     if isinstance(max_implied, bool) or int(max_implied) < 0:
         raise ValueError(f"max_implied = {max_implied} must be >= 0")
+    if implies not in IMPLIES:
+        raise ValueError(f"implies = {implies!r}; use one of {', '.join(IMPLIES)}")
     prs, lab, n = _prepare(pairs, labels, n)
     base = np.int64(max(n, 1))
     empty_pairs = np.empty((0, 2), dtype=np.int64)
@@ -168,6 +176,10 @@ def closure(
     # and the cross product of each sound pair of components linked by a dissimilar answer.
     sim_blocks = np.flatnonzero((sizes >= 2) & ~bad)
     cross = (lab == 0) & (ci != cj) & ~bad[ci] & ~bad[cj]
+    if implies == "none":
+        sim_blocks = sim_blocks[:0]
+    if implies != "full":
+        cross = np.zeros_like(cross)
     cross_blocks = np.unique(np.sort(np.stack((ci[cross], cj[cross]), axis=1), axis=1), axis=0)
     counts = np.concatenate(
         (

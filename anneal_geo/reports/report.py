@@ -50,7 +50,8 @@ td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 .note { color: #666; font-style: italic; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
-.gallery figure { margin: 0; font-size: 0.8em; }
+.gallery figure { margin: 0; font-size: 0.8em; width: min-content; }
+.gallery figcaption { overflow-wrap: anywhere; }
 .similar { color: #2ca02c; } .dissimilar { color: #d62728; } .skipped { color: #777; }
 """
 
@@ -356,7 +357,9 @@ def _embedding(session: Session, pool: PatchPool | None, table: Any, points: int
     ax = fig.add_subplot()
     where = {int(p): k for k, p in enumerate(ids.tolist())}
     effective = table[table["in_effect"] & (table["answer"] != -1)]
-    for value, colour in ((0, _COLOURS["dissimilar"]), (1, _COLOURS["similar"])):
+    # Dissimilar links are long and many: faint, under the similar ones; points on top.
+    links = ((0, _COLOURS["dissimilar"], 0.5, 0.12), (1, _COLOURS["similar"], 0.9, 0.8))
+    for value, colour, width, alpha in links:
         chosen = effective[effective["answer"] == value].head(3000)
         segments = [
             [xy[where[int(i)]], xy[where[int(j)]]]
@@ -364,7 +367,9 @@ def _embedding(session: Session, pool: PatchPool | None, table: Any, points: int
         ]
         if segments:
             ax.add_collection(
-                LineCollection(segments, colors=colour, linewidths=0.7, alpha=0.6, zorder=3)
+                LineCollection(
+                    segments, colors=colour, linewidths=width, alpha=alpha, zorder=1 + value
+                )
             )
     if pool.labels is not None and pool.class_names is not None:
         first = np.argmax(pool.labels[ids], axis=1)
@@ -375,11 +380,11 @@ def _embedding(session: Session, pool: PatchPool | None, table: Any, points: int
             mask = first == c
             if mask.any():
                 ax.scatter(
-                    xy[mask, 0], xy[mask, 1], s=9, color=cmap(c % cmap.N), label=name, zorder=2
+                    xy[mask, 0], xy[mask, 1], s=9, color=cmap(c % cmap.N), label=name, zorder=3
                 )
         ax.legend(fontsize=7, markerscale=1.5, loc="best")
     else:
-        ax.scatter(xy[:, 0], xy[:, 1], s=9, color="#4c72b0", zorder=2)
+        ax.scatter(xy[:, 0], xy[:, 1], s=9, color="#4c72b0", zorder=3)
     ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of the variance)")
     ax.set_ylabel(f"PC 2 ({explained[1]:.0%})" if len(explained) > 1 else "PC 2")
     ax.set_title("links: answered pairs (green similar, red dissimilar)", fontsize=9)
