@@ -4,17 +4,20 @@ of a plain rasterio windowed read of the same windows.
 On the Major TOM cell in sample_tiles/ (12 bands at 10/20/60 m, or the four 10 m bands),
 for several patch sizes:
 
-- ``pool``: ``PatchPool.from_tiles`` (TorchGeo RasterDataset + GriddedPatchSampler through a
-  DataLoader, reads of about 1024 px) then ``pool.save`` (patches.npy, footprints.gpkg,
-  pool.json), the path ``anneal-geo pool build`` takes, without the cloud mask (the floor
-  does not read it either); ``pool + cloud mask`` with it (the default);
-- ``pool, read_block=1``: one TorchGeo read per patch;
+- ``pool``: ``PatchPool.from_tiles`` (TorchGeo RasterDataset index and GriddedPatchSampler
+  grid, then one windowed read per band of the files TorchGeo indexed, in reader threads,
+  one per core) then ``pool.save`` (patches.npy, footprints.gpkg, pool.json), the path
+  ``anneal-geo pool build`` takes, without the cloud mask (the floor does not read it
+  either); ``pool + cloud mask`` with it (the default); ``pool, 1 worker``: the same in
+  one thread (``num_workers=1``, ``--workers 1``);
+- ``pool, read_block=1``: one TorchGeo ``__getitem__`` per patch, through a DataLoader;
 - ``floor``: rasterio only, the same windows (from the pool's footprints), every band read
   with ``Window`` + ``out_shape`` and bilinear resampling onto the patch grid, into one
   array (no saving, no footprints, no statistics).
 
 Each timing is the best of ``--repeat`` runs after a warm-up (TorchGeo's import, about 5 s,
-is paid once per process and not counted). The floor's values are checked equal to the
+is paid once per process and not counted); a saved pool is timed until ``save`` returns
+(removing the temporary pool afterwards is not counted). The floor's values are checked equal to the
 pool's. Writes ``benchmarks/results/ingest_speed.json``.
 
     .venv/bin/python benchmarks/ingest_speed.py
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +79,7 @@ def timed_pool(options: dict[str, Any], repeat: int) -> tuple[PatchPool, float, 
         t1 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             pool.save(tmp)
-        t2 = time.perf_counter()
+            t2 = time.perf_counter()
         best_read, best_total = min(best_read, t1 - t0), min(best_total, t2 - t0)
     assert pool is not None
     return pool, best_read, best_total
@@ -100,6 +104,7 @@ def main() -> None:
     for options in runs:
         pool, read_s, total_s = timed_pool(options, args.repeat)
         _, _, mask_total = timed_pool({**options, "cloud_mask": "auto"}, args.repeat)
+        _, _, one_total = timed_pool({**options, "num_workers": 1}, args.repeat)
         _, block1_read, block1_total = timed_pool({**options, "read_block": 1}, 1)
         floor = min(floor_read(pool, band_files)[1] for _ in range(args.repeat))
         same = bool(np.array_equal(floor_read(pool, band_files)[0], pool.patches))
@@ -113,11 +118,13 @@ def main() -> None:
             "pool_read_patches_per_s": round(n / read_s, 1),
             "pool_saved_patches_per_s": round(n / total_s, 1),
             "pool_cloud_mask_saved_patches_per_s": round(n / mask_total, 1),
+            "pool_1worker_saved_patches_per_s": round(n / one_total, 1),
             "pool_read_block1_patches_per_s": round(n / block1_read, 1),
             "pool_saved_block1_patches_per_s": round(n / block1_total, 1),
             "floor_patches_per_s": round(n / floor, 1),
             "ratio_saved_pool_to_floor": round(floor / total_s, 3),
             "ratio_read_to_floor": round(floor / read_s, 3),
+            "ratio_saved_1worker_to_floor": round(floor / one_total, 3),
             "ratio_saved_block1_to_floor": round(floor / block1_total, 3),
             "values_equal_to_floor": same,
         }
@@ -126,14 +133,21 @@ def main() -> None:
             f"{row['bands']:>2} bands {row['patch_size']:>3} px stride {row['stride']:>3}, "
             f"{n:>4} patches: saved pool {row['pool_saved_patches_per_s']:>7.1f}/s (read only "
             f"{row['pool_read_patches_per_s']:>7.1f}/s; with cloud mask "
-            f"{row['pool_cloud_mask_saved_patches_per_s']:>7.1f}/s; per-patch reads "
+            f"{row['pool_cloud_mask_saved_patches_per_s']:>7.1f}/s; 1 worker "
+            f"{row['pool_1worker_saved_patches_per_s']:>7.1f}/s; per-patch reads "
             f"{row['pool_saved_block1_patches_per_s']:>6.1f}/s), floor "
             f"{row['floor_patches_per_s']:>7.1f}/s -> ratio "
-            f"{row['ratio_saved_pool_to_floor']:.2f} (equal values: {same})",
+            f"{row['ratio_saved_pool_to_floor']:.2f} (1 worker "
+            f"{row['ratio_saved_1worker_to_floor']:.2f}; equal values: {same})",
             flush=True,
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"cell": "sample_tiles/majortom_s2l2a_tile", "repeat": args.repeat, "results": rows}
+    out = {
+        "cell": "sample_tiles/majortom_s2l2a_tile",
+        "repeat": args.repeat,
+        "cores": len(os.sched_getaffinity(0)),
+        "results": rows,
+    }
     (RESULTS / "ingest_speed.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS / 'ingest_speed.json'}")
 

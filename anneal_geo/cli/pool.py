@@ -41,6 +41,13 @@ def pool_build(
         "--max-nodata",
         help="Tiles: skip patches with more than this share of nodata or cloud pixels.",
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Tiles: reader threads, over scenes and bands (default: one per core, at most "
+        "8; the pool is the same whatever the number).",
+    ),
     nan_as_nodata: bool = typer.Option(
         False,
         "--nan-as-nodata",
@@ -53,7 +60,8 @@ def pool_build(
     A BigEarthNet folder (<patch>/<patch>_B02.tif ...) is read as BigEarthNet (120 px
     patches at 10 m, multi-labels from the JSON). A folder of Sentinel-2 tiles (one file per
     band, e.g. Major TOM's B04.tif, or multi-band scenes) is cut into patches through
-    TorchGeo; so is any source given --patch-size, --stride or --res.
+    TorchGeo; so is any source given --patch-size, --stride or --res. --workers threads
+    read its scenes and bands in parallel.
     """
     import time
 
@@ -83,6 +91,7 @@ def pool_build(
             res=res,
             cloud_mask=None if cloud_mask.lower() == "none" else cloud_mask,
             max_nodata=max_nodata,
+            num_workers=workers,
             on_report=lambda report: typer.echo(report.summary()),
             nan_as_nodata=nan_as_nodata,
         )

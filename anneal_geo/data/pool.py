@@ -105,8 +105,10 @@ def _relative_sources(sources: Sequence[str]) -> list[str]:
     """Sources relative to their common folder, so the fingerprint ignores where the archive
     was mounted or how its path was spelled."""
     try:
-        common = os.path.commonpath([os.path.dirname(s) or "." for s in sources])
-        return [os.path.relpath(s, common).replace(os.sep, "/") for s in sources]
+        common = os.path.commonpath(list({os.path.dirname(s) or "." for s in sources}))
+        # Once per distinct source: a tile pool repeats its scenes' files per patch.
+        relative = {s: os.path.relpath(s, common).replace(os.sep, "/") for s in set(sources)}
+        return [relative[s] for s in sources]
     except ValueError:  # mixed absolute and relative paths: no common folder
         return list(sources)
 
@@ -422,11 +424,14 @@ class PatchPool:
         read = read_tiles(path, patch_size, **options)
         if on_report is not None:
             on_report(read.report)
-        check_nan(read.patches, read.sources, read.bands, fill=nan_as_nodata)
+        if not read.nan_free:
+            check_nan(read.patches, read.sources, read.bands, fill=nan_as_nodata)
         return cls(
             read.patches,
             read.bands,
             sources=read.sources,
+            band_mean=read.band_mean,
+            band_std=read.band_std,
             source_crs=list(read.crs),
             source_sha256=read.checksums,
             footprints=read.footprints,
@@ -515,14 +520,10 @@ class PatchPool:
         try:
             tmp = directory / (PATCHES_FILE + ".partial")
             target = directory / PATCHES_FILE
-            out = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=self.patches.dtype, shape=self.patches.shape
-            )
-            step = _block_rows(self.patches)
-            for start in range(0, len(self), step):
-                out[start : start + step] = self.patches[start : start + step]
-            out.flush()
-            del out
+            # Written through the file (a memory-mapped pool streams from its pages), not
+            # into a writable memmap, whose flush waits for the disk.
+            with open(tmp, "wb") as fh:
+                np.lib.format.write_array(fh, self.patches, allow_pickle=False)
             os.replace(tmp, target)
 
             target = directory / LABELS_FILE

@@ -21,10 +21,16 @@ edges, as the sampler does), so no patch is padded with fill. The sampler's slic
 exact float64 coordinates, and the footprints and pixel windows are computed from them
 (a sample's ``bounds`` tensor is float32, which rounds a UTM northing by up to 0.25 m).
 
-Patches are read through a ``DataLoader`` in blocks of up to ``read_block x read_block``
-neighbouring patches, about 1024 px (one TorchGeo read per block, cut into patches with
-numpy): TorchGeo spends about 1 ms of Python per band and read, which would otherwise
-dominate (``read_block=1`` reads each patch on its own; the values are the same).
+TorchGeo indexes each scene (its files, CRS, resolution and bounds), decides whether a
+file is read as it is or through a ``WarpedVRT``, and lays the patch grid; the pixels are
+then read straight from the files it indexed, one big window per band and strip of patch
+rows (the whole scene for a Major TOM cell), with the very call TorchGeo reads with
+(``rasterio.merge.merge`` with its resampling, reduced to the resampled window read when
+nothing can be masked), and cut into patches with numpy. Threads (``num_workers``) read
+the bands and scenes in parallel; GDAL decodes and resamples without the GIL. Reading
+each patch through TorchGeo's ``__getitem__`` (a ``DataLoader`` over blocks of
+``read_block x read_block`` patches; ``read_block=1``: each patch on its own) gives the
+same values, slower: TorchGeo spends about 1 ms of Python per band and read.
 
 Patches that are mostly nodata (every band equal to the nodata value, 0 for Sentinel-2
 L2A files that declare none), or mostly cloud when a cloud mask is given (Major TOM's
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import math
 import os
 import re
@@ -74,9 +81,8 @@ DEFAULT_PATCH_SIZE = 64
 DEFAULT_MAX_NODATA = 0.5
 #: Raster files a tile archive may hold (JPEG/PNG previews are never scenes).
 TILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
-# Pixels per side of one TorchGeo read when read_block is not given (see the module
-# docstring): about one 1024 px GeoTIFF block, ~50 MB for 12 float32 bands.
-_READ_PIXELS = 1024
+# Pixels of one direct read (a strip of patch rows of one band): 16 MB as uint16.
+_STRIP_PIXELS = 8 << 20
 # A raster at least this large (and georeferenced) is a scene, not a patch, when telling a
 # tile archive from a class-folder archive (EuroSAT 64 px, BigEarthNet 120, UC Merced 256).
 _MIN_SCENE_SIDE = 512
@@ -311,43 +317,104 @@ class _Probe:
     nodata: float | None
 
 
-def _open_header(path: Path, scene: str) -> dict[str, Any]:
+class _Handles:
+    """Files opened to read their headers, kept open (up to ``limit``) for reading their
+    pixels later, so a small archive's files are opened once."""
+
+    def __init__(self, limit: int = 256) -> None:
+        import threading
+
+        self.limit = limit
+        self._open: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, path: Path, src: Any) -> bool:
+        """Keep ``src`` open for :meth:`take`; False (close it yourself) when full."""
+        with self._lock:
+            if len(self._open) >= self.limit or str(path) in self._open:
+                return False
+            self._open[str(path)] = src
+            return True
+
+    def take(self, path: str | Path) -> Any:
+        """The open handle of ``path`` (now the caller's to close), or None."""
+        with self._lock:
+            return self._open.pop(str(path), None)
+
+    def close(self) -> None:
+        """Close every handle not taken."""
+        with self._lock:
+            handles, self._open = list(self._open.values()), {}
+        for src in handles:
+            src.close()
+
+
+# CRS text per WKT: EPSG look-ups cost about a millisecond, and every band file of an
+# archive usually shares a handful of CRSs.
+_CRS_TEXT: dict[str, str] = {}
+
+
+def _crs_text(crs: Any) -> str:
+    from anneal_geo.data.folders import crs_text
+
+    wkt = crs.to_wkt()
+    text = _CRS_TEXT.get(wkt)
+    if text is None:
+        text = _CRS_TEXT[wkt] = crs_text(crs)
+    return text
+
+
+def _open_header(path: Path, scene: str, handles: _Handles | None = None) -> dict[str, Any]:
     import rasterio
     from rasterio.errors import RasterioError
 
-    from anneal_geo.data.folders import crs_text
-
     try:
-        with rasterio.open(path) as src:
-            if src.crs is None:
-                raise DataError(
-                    f"{path} has no CRS, so its patches cannot be placed on a map; give it one "
-                    f"(e.g. `rio edit-info --crs EPSG:32633 {path}`) or build the pool from "
-                    "class folders instead"
-                )
-            a, b, _, d, e, _ = tuple(src.transform)[:6]
-            if b != 0 or d != 0 or a <= 0 or e >= 0:
-                raise DataError(
-                    f"{path} is not north-up (transform {tuple(src.transform)[:6]}); warp it "
-                    "to a north-up grid first (e.g. gdalwarp)"
-                )
-            return {
-                "crs": crs_text(src.crs),
-                "res": (float(a), float(-e)),
-                "count": src.count,
-                "dtype": src.dtypes[0],
-                "nodata": src.nodata,
-                "descriptions": list(src.descriptions),
-            }
+        src = rasterio.open(path)
     except RasterioError as exc:
         raise DataError(
             f"{path} of scene {scene} could not be read ({_reason(exc)}); re-download or remove it"
         ) from exc
+    kept = False
+    try:
+        if src.crs is None:
+            raise DataError(
+                f"{path} has no CRS, so its patches cannot be placed on a map; give it one "
+                f"(e.g. `rio edit-info --crs EPSG:32633 {path}`) or build the pool from "
+                "class folders instead"
+            )
+        a, b, _, d, e, _ = tuple(src.transform)[:6]
+        if b != 0 or d != 0 or a <= 0 or e >= 0:
+            raise DataError(
+                f"{path} is not north-up (transform {tuple(src.transform)[:6]}); warp it "
+                "to a north-up grid first (e.g. gdalwarp)"
+            )
+        head = {
+            "crs": _crs_text(src.crs),
+            "res": (float(a), float(-e)),
+            "count": src.count,
+            "dtype": src.dtypes[0],
+            "nodata": src.nodata,
+            "descriptions": list(src.descriptions),
+        }
+        kept = handles is not None and handles.keep(path, src)
+        return head
+    except RasterioError as exc:
+        raise DataError(
+            f"{path} of scene {scene} could not be read ({_reason(exc)}); re-download or remove it"
+        ) from exc
+    finally:
+        if not kept:
+            src.close()
 
 
-def _probe(scene: Scene) -> _Probe:
+def _probe(
+    scene: Scene, handles: _Handles | None = None, wanted: Sequence[str] | None = None
+) -> _Probe:
+    """Read the headers of a scene: its multi-band file, or its band files (of the
+    ``wanted`` bands and the first band in ESA order, whose nodata value is the scene's;
+    every band file when ``wanted`` is None)."""
     if scene.file is not None:
-        head = _open_header(scene.file, scene.name)
+        head = _open_header(scene.file, scene.name, handles)
         try:
             names = infer_band_names(
                 head["count"], head["descriptions"], rgb_image=False, where=str(scene.file)
@@ -366,21 +433,26 @@ def _probe(scene: Scene) -> _Probe:
             dict.fromkeys(names, head["dtype"]),
             head["nodata"],
         )
-    heads = {band: _open_header(path, scene.name) for band, path in scene.band_files.items()}
+    order = [b for b in S2_ALL_BANDS if b in scene.band_files]
+    if wanted is None:
+        opened = order
+    else:
+        asked = {normalise_band_name(name) or name for name in wanted}
+        opened = [b for i, b in enumerate(order) if i == 0 or b in asked]
+    heads = {band: _open_header(scene.band_files[band], scene.name, handles) for band in opened}
     crss = {h["crs"] for h in heads.values()}
     if len(crss) > 1:
         raise DataError(
             f"the band files of scene {scene.name} are in different CRSs "
             f"({', '.join(sorted(crss))}); re-download the scene"
         )
-    order = [b for b in S2_ALL_BANDS if b in heads]
     first = heads[order[0]]
     return _Probe(
         scene,
         order,
         first["crs"],
-        {b: heads[b]["res"] for b in order},
-        {b: heads[b]["dtype"] for b in order},
+        {b: h["res"] for b, h in heads.items()},
+        {b: h["dtype"] for b, h in heads.items()},
         first["nodata"],
     )
 
@@ -590,6 +662,10 @@ class TileRead:
             ``resolution`` (the source file's own grid when that is its resolution).
         resolution: pixel size in CRS units.
         report: counts and timing.
+        band_mean: per-band mean over all patches and pixels (float64), when computed while
+            reading (integer sources), else None.
+        band_std: per-band population standard deviation, likewise.
+        nan_free: whether the patches cannot hold NaN (integer sources).
     """
 
     patches: np.ndarray
@@ -601,16 +677,64 @@ class TileRead:
     windows: np.ndarray
     resolution: float
     report: IngestReport
+    band_mean: np.ndarray | None = None
+    band_std: np.ndarray | None = None
+    nan_free: bool = False
+    _frame: Any = field(default=None, repr=False, compare=False)
 
     def footprints(self) -> Any:
-        """The footprints GeoDataFrame (the columns of :mod:`anneal_geo.data.footprints`)."""
-        from anneal_geo.data.footprints import build_footprints
+        """The footprints GeoDataFrame (the columns of :mod:`anneal_geo.data.footprints`):
+        the same frame as :func:`~anneal_geo.data.footprints.build_footprints`, to the bit."""
+        if self._frame is not None:
+            frame, self._frame = self._frame, None  # built while the pixels were read
+            return frame
+        return _footprint_frame(self.georefs, self.sources, self.windows)
 
-        frame = build_footprints(self.georefs, self.sources, [None] * len(self.sources))
-        if frame is not None:
-            frame["row_off"] = self.windows[:, 0]
-            frame["col_off"] = self.windows[:, 1]
-        return frame
+
+def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows: np.ndarray) -> Any:
+    """:func:`~anneal_geo.data.footprints.build_footprints` plus the pixel windows, with the
+    corners of all patches computed at once rather than patch by patch."""
+    import geopandas as gpd
+    import shapely
+
+    from anneal_geo.data import footprints as fp
+
+    n = len(georefs)
+    if n == 0:
+        return None
+    transforms = np.array([g.transform for g in georefs], dtype=np.float64)
+    heights = np.array([g.height for g in georefs], dtype=np.int64)
+    widths = np.array([g.width for g in georefs], dtype=np.int64)
+    a, b, c, d, e, f = (transforms[:, k, None] for k in range(6))
+    w, h = widths[:, None].astype(np.float64), heights[:, None].astype(np.float64)
+    zero = np.zeros_like(w)
+    cols = np.concatenate([zero, w, w, zero, zero], axis=1)  # GeoRef.corners() order
+    rows = np.concatenate([zero, zero, h, h, zero], axis=1)
+    rings = np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=2)
+    native = shapely.polygons(rings)
+    crs = np.array([g.crs for g in georefs], dtype=object)
+    edge = np.maximum(
+        widths * np.hypot(transforms[:, 0], transforms[:, 3]),
+        heights * np.hypot(transforms[:, 1], transforms[:, 4]),
+    )
+    dense = shapely.segmentize(native, edge / fp._SEGMENTS_PER_EDGE)
+    geographic = np.empty(n, dtype=object)
+    for code in sorted(set(crs)):
+        mask = crs == code
+        series = gpd.GeoSeries(dense[mask], crs=code).to_crs("EPSG:4326")
+        geographic[mask] = series.to_numpy()
+    frame = {
+        "patch_id": np.arange(n, dtype=np.int64),
+        "source": list(sources),
+        "crs": list(crs),
+        "row_off": np.asarray(windows[:, 0], dtype=np.int64),
+        "col_off": np.asarray(windows[:, 1], dtype=np.int64),
+        "height": heights,
+        "width": widths,
+        "label": [None] * n,
+        "geometry_native": shapely.to_wkt(native, rounding_precision=-1),
+    }
+    return gpd.GeoDataFrame(frame, geometry=list(geographic), crs="EPSG:4326")
 
 
 @dataclass
@@ -669,8 +793,44 @@ def _scene_dataset(plan: _Plan) -> Any:
     return dataset
 
 
-def _scene_slices(dataset: Any, plan: _Plan, size: int, stride: int) -> list[list[Any]]:
-    """The sampler's patch slices on a (rows x cols) grid, north-west patch first."""
+@dataclass
+class _Grid:
+    """A scene's patch grid as TorchGeo's sampler lays it: exact float64 slice bounds per
+    column (west to east) and per row (north to south)."""
+
+    x_start: np.ndarray  # (cols,)
+    x_stop: np.ndarray
+    y_start: np.ndarray  # (rows,)
+    y_stop: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols)."""
+        return len(self.y_start), len(self.x_start)
+
+    def slices(self) -> list[list[tuple[slice, slice]]]:
+        """The sampler's ``(x, y)`` slices, row-major, north-west first."""
+        xs = [slice(a, b) for a, b in zip(self.x_start.tolist(), self.x_stop.tolist(), strict=True)]
+        ys = [slice(a, b) for a, b in zip(self.y_start.tolist(), self.y_stop.tolist(), strict=True)]
+        return [[(x, y) for x in xs] for y in ys]
+
+    def origins(self) -> np.ndarray:
+        """(rows * cols, 2) float64 ``(x.start, y.stop)``: the exact top-left corner of
+        each patch, row-major."""
+        rows, cols = self.shape
+        return np.stack([np.tile(self.x_start, rows), np.repeat(self.y_stop, cols)], axis=1).astype(
+            np.float64, copy=False
+        )
+
+
+def _scene_grid(dataset: Any, plan: _Plan, size: int, stride: int) -> _Grid:
+    """The sampler's patch grid on a (rows x cols) grid, north-west patch first.
+
+    TorchGeo's ``GriddedPatchSampler`` lays the grid; it yields the patches row by row
+    (south first) at ``x = xmin + j * stride`` and ``y = ymin + i * stride``, testing each
+    against the region of interest (about 20 us a patch). Its first row gives the columns
+    exactly; the rows follow from its own expression, checked against its next patch.
+    """
     import shapely
     from torchgeo.samplers import GriddedPatchSampler
 
@@ -700,26 +860,38 @@ def _scene_slices(dataset: Any, plan: _Plan, size: int, stride: int) -> list[lis
         y1 - eps,
     )
     sampler = GriddedPatchSampler(dataset, size=size, stride=stride, roi=roi)
-    grid: list[list[Any]] = [[None] * cols for _ in range(rows)]
-    count = 0
-    for x, y in sampler:
-        col = (x.start - x0) / (stride * rx)
-        row = (y1 - y.stop) / (stride * ry)
-        r, c = round(row), round(col)
-        if abs(row - r) > 1e-6 or abs(col - c) > 1e-6 or not (0 <= r < rows and 0 <= c < cols):
-            raise DataError(
-                f"TorchGeo's sampler yielded a patch off the pixel grid of scene "
-                f"{plan.probe.scene.name} ({x}, {y}); this TorchGeo version is not supported"
-            )
-        grid[r][c] = (x, y)
-        count += 1
-    if count != rows * cols:
+    samples = iter(sampler)
+    first = list(itertools.islice(samples, cols + (1 if rows > 1 else 0)))
+    step_y, size_y = sampler.stride[0], sampler.size[0]
+    ymin = first[0][1].start if first else 0.0
+    y_start = [ymin + i * step_y for i in range(rows)][::-1]  # the sampler's expression
+    y_stop = [y + size_y for y in y_start]
+
+    def where(x: slice, y: slice) -> tuple[float, float]:
+        return (y1 - y.stop) / (stride * ry), (x.start - x0) / (stride * rx)
+
+    expected = [(rows - 1, c) for c in range(cols)] + ([(rows - 2, 0)] if rows > 1 else [])
+    placed = [where(x, y) for x, y in first]
+    on_grid = len(first) == len(expected) and all(
+        abs(r - er) <= 1e-6 and abs(c - ec) <= 1e-6
+        for (r, c), (er, ec) in zip(placed, expected, strict=True)
+    )
+    if on_grid and rows > 1:
+        # The second row's first patch: the row expression above, to the bit.
+        on_grid = (first[-1][0].start, first[-1][1].start) == (first[0][0].start, y_start[-2])
+    if not on_grid:
         raise DataError(
-            f"TorchGeo's sampler yielded {count} patches for scene {plan.probe.scene.name}, "
-            f"expected {rows * cols}; this TorchGeo version is not supported"
+            f"TorchGeo's sampler yielded patches off the pixel grid of scene "
+            f"{plan.probe.scene.name} ({first[:2]}); this TorchGeo version is not supported"
         )
     plan.rows, plan.cols = rows, cols
-    return grid
+    row = first[:cols]
+    return _Grid(
+        np.array([x.start for x, _ in row], dtype=np.float64),
+        np.array([x.stop for x, _ in row], dtype=np.float64),
+        np.array(y_start, dtype=np.float64),
+        np.array(y_stop, dtype=np.float64),
+    )
 
 
 def _blocks(
@@ -807,10 +979,358 @@ def _read_scene(
         bar.update(1)
 
 
-def _origins(grid: list[list[Any]]) -> np.ndarray:
-    """(rows * cols, 2) float64 ``(x.start, y.stop)`` of each slice: the exact top-left
-    corner of each patch, row-major."""
-    return np.array([(x.start, y.stop) for row in grid for x, y in row], dtype=np.float64)
+# ---------------------------------------------------------------------------- direct reads
+
+
+def _default_workers() -> int:
+    """Reader threads when none are asked for: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _merge_read(
+    src: Any,
+    bounds: tuple[float, float, float, float],
+    res: tuple[float, float],
+    indexes: list[int] | None,
+    resampling: Any,
+) -> np.ndarray:
+    """What ``rasterio.merge.merge([src], bounds=..., res=..., indexes=...)`` returns (the
+    call TorchGeo's ``RasterDataset`` reads with), without its extra passes when they
+    cannot change a value: the window lies wholly inside ``src`` and no pixel is masked
+    (no nodata, mask or alpha band), so the merge is the resampled read itself.
+
+    Returns:
+        (bands, rows, cols) array in the file's dtype.
+    """
+    from affine import Affine
+    from rasterio import windows
+    from rasterio.enums import MaskFlags
+    from rasterio.merge import merge
+
+    bands = list(range(1, src.count + 1)) if indexes is None else list(indexes)
+    dtypes = {src.dtypes[i - 1] for i in bands}
+    all_valid = all(src.mask_flag_enums[i - 1] == [MaskFlags.all_valid] for i in bands)
+    if len(dtypes) == 1 and all_valid:
+        # merge()'s own arithmetic for the output grid and the source window.
+        left, bottom, right, top = bounds
+        width = round((right - left) / res[0])
+        height = round((top - bottom) / res[1])
+        transform = Affine(res[0], 0.0, left, 0.0, -res[1], top)
+        chunk = windows.Window(0, 0, width, height)
+        west, south, east, north = windows.bounds(chunk, transform)
+        s_west, s_south, s_east, s_north = src.bounds
+        inside = s_west <= west and east <= s_east and s_south <= south and north <= s_north
+        if inside and src.transform.e < 0:
+            target = windows.from_bounds(west, south, east, north, transform)
+            aligned = (
+                math.floor(target.col_off + 0.1),
+                math.floor(target.row_off + 0.1),
+                math.floor(target.width + 0.5),
+                math.floor(target.height + 0.5),
+            )
+            if aligned == (0, 0, width, height):
+                window = windows.from_bounds(west, south, east, north, src.transform)
+                data: np.ndarray = src.read(
+                    bands,
+                    window=window,
+                    out_shape=(len(bands), height, width),
+                    resampling=resampling,
+                )
+                return data
+    return merge([src], bounds=bounds, res=res, indexes=indexes, resampling=resampling)[0]
+
+
+def _open_like_torchgeo(
+    source: Any, filepath: str, handles: _Handles | None, warp_cache: dict[Any, bool]
+) -> Any:
+    """The handle TorchGeo's ``_load_warp_file(filepath, source.crs)`` would read from.
+
+    A file already in the dataset's CRS and grid is read as it is (TorchGeo decides with its
+    own ``_compute_affine_warp_grid``, remembered per CRS and grid): the handle opened for
+    its header is reused. Anything else is opened by TorchGeo itself (a ``WarpedVRT``).
+    """
+    import rasterio
+    from rasterio.crs import CRS
+
+    src = handles.take(filepath) if handles is not None else None
+    if src is None:
+        src = rasterio.open(filepath)
+    try:
+        plain = source.nodata is None and not src.transform.is_identity
+        if plain:
+            key = (id(source), src.crs.to_wkt(), tuple(src.transform), src.width, src.height)
+            needs_warp = warp_cache.get(key)
+            if needs_warp is None:
+                dst_crs = CRS.from_user_input(source.crs)
+                needs_warp = warp_cache[key] = bool(
+                    source._compute_affine_warp_grid(
+                        src.crs, src.transform, src.width, src.height, dst_crs
+                    )[3]
+                )
+            plain = not needs_warp
+    except BaseException:
+        src.close()
+        raise
+    if plain:
+        return src
+    src.close()
+    return source._load_warp_file(filepath, source.crs)
+
+
+@dataclass
+class _Strip:
+    """Patch rows ``r0 .. r0 + rows - 1`` of one scene, read in one window per band; the
+    pixels that decide skipping are gathered here band by band."""
+
+    scene: int
+    r0: int
+    rows: int
+    bounds: tuple[float, float, float, float]
+    pending: int  # band and mask reads still to come
+    nodata: np.ndarray | None = None  # every band equal to nodata so far
+    nan: np.ndarray | None = None  # any band NaN so far
+    clear: bool = False  # no pixel is nodata in every band read so far
+    cloud: np.ndarray | None = None
+
+
+def _window_sums(
+    pixels: np.ndarray,
+    rows: int,
+    cols: int,
+    size: int,
+    stride: int,
+    accumulate: type[np.integer[Any]] = np.int64,
+) -> np.ndarray:
+    """(rows * cols,) int64: the exact sum of a (h, w) bool or integer image over each
+    patch window of a strip (summed in ``accumulate``: uint64 is the faster for unsigned
+    images).
+
+    The image is summed in square cells of ``gcd(size, stride)`` pixels, which tile every
+    window; windows that overlap (or leave gaps) then add up their cells from a
+    summed-area table of the much smaller cell grid.
+    """
+    cell = math.gcd(size, stride)
+    height, width = (rows - 1) * stride + size, (cols - 1) * stride + size
+    grid = pixels[:height, :width].reshape(height // cell, cell, width // cell, cell)
+    cells = grid.sum(axis=(1, 3), dtype=accumulate).astype(np.int64, copy=False)
+    if stride == size:
+        return cells.reshape(-1)
+    table = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), dtype=np.int64)
+    np.cumsum(cells, axis=0, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    span, step = size // cell, stride // cell
+    top = (np.arange(rows) * step)[:, None]
+    left = (np.arange(cols) * step)[None, :]
+    sums = (
+        table[top + span, left + span]
+        - table[top, left + span]
+        - table[top + span, left]
+        + table[top, left]
+    )
+    return sums.reshape(-1)
+
+
+def _read_direct(
+    plans: Sequence[_Plan],
+    datasets: Sequence[Any],
+    grids: Sequence[_Grid],
+    out: np.ndarray,
+    keep: np.ndarray,
+    report: IngestReport,
+    options: dict[str, Any],
+    bar: Any,
+    handles: _Handles | None = None,
+    extra: Sequence[Callable[[], Any]] = (),
+) -> list[Any]:
+    """Read every scene in big windows, one per band and strip of patch rows, straight
+    from the files TorchGeo indexed, with TorchGeo's CRS, resolution and resampling (see
+    :func:`_merge_read`), in ``options["workers"]`` threads; cut each window into its
+    patches in ``out``, mark the patches to keep and, for integer sources, sum each
+    patch's values and squares per band (``options["sums"]``, ``options["squares"]``).
+
+    Returns:
+        the results of the ``extra`` jobs, run in the same threads beside the reads.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+
+    size, step = options["size"], options["stride"]
+    sums, squares = options.get("sums"), options.get("squares")  # per patch and band
+    warp_cache: dict[Any, bool] = {}
+    max_nodata = options["max_nodata"]
+    lock = threading.Lock()
+    offsets = np.cumsum([0, *(p.rows * p.cols for p in plans)])
+    strips: list[list[_Strip]] = []
+    tasks: list[tuple[int, int | None]] = []  # (scene, channel or None for the mask)
+    for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
+        width = (plan.cols - 1) * step + size
+        per_strip = max(1, (max(size, _STRIP_PIXELS // width) - size) // step + 1)
+        masked = dataset.__class__.__name__ == "IntersectionDataset"
+        pending = len(plan.bands) + int(masked)
+        scene_strips = []
+        for r0 in range(0, plan.rows, per_strip):
+            n = min(per_strip, plan.rows - r0)
+            bounds = (
+                float(grid.x_start[0]),
+                float(grid.y_start[r0 + n - 1]),
+                float(grid.x_stop[-1]),
+                float(grid.y_stop[r0]),
+            )
+            scene_strips.append(_Strip(k, r0, n, bounds, pending))
+        strips.append(scene_strips)
+        tasks.extend((k, c) for c in range(len(plan.bands)))
+        if masked:
+            tasks.append((k, None))
+
+    def finish(strip: _Strip) -> None:
+        plan = plans[strip.scene]
+        cols, area = plan.cols, size * size
+        nodata = strip.nodata
+        assert nodata is not None
+        if strip.nan is not None:
+            nodata |= strip.nan
+        nodata_share = _window_sums(nodata, strip.rows, cols, size, step) / area
+        bad_share = nodata_share
+        if strip.cloud is not None:
+            bad = nodata | strip.cloud
+            bad_share = _window_sums(bad, strip.rows, cols, size, step) / area
+        good = bad_share <= max_nodata
+        first = int(offsets[strip.scene]) + strip.r0 * cols
+        keep[first : first + strip.rows * cols] = good
+        with lock:
+            report.skipped_nodata += int(np.sum(~good & (nodata_share > max_nodata)))
+            report.skipped_cloud += int(np.sum(~good & (nodata_share <= max_nodata)))
+
+    def run(scene: int, channel: int | None) -> None:
+        plan, dataset = plans[scene], datasets[scene]
+        if channel is None:
+            source = dataset.datasets[1]
+        elif dataset.__class__.__name__ == "IntersectionDataset":
+            source = dataset.datasets[0]
+        else:
+            source = dataset
+        filepath = str(source.index.filepath.iloc[0])
+        indexes: list[int] | None = None
+        if channel is not None:
+            if source.separate_files:
+                filepath = source._update_filepath(plan.bands[channel], filepath)
+            else:
+                band_indexes = source.band_indexes
+                indexes = [band_indexes[channel] if band_indexes else channel + 1]
+        nodata = float(plan.probe.nodata) if plan.probe.nodata is not None else 0.0
+        try:
+            handle = _open_like_torchgeo(source, filepath, handles, warp_cache)
+        except Exception as exc:  # rasterio and TorchGeo raise many kinds
+            raise DataError(
+                f"{filepath} of scene {plan.probe.scene.name} could not be opened "
+                f"({type(exc).__name__}: {_reason(exc)}); check the file"
+            ) from exc
+        with rasterio.Env(), handle:
+            for strip in strips[scene]:
+                expect = ((strip.rows - 1) * step + size, (plan.cols - 1) * step + size)
+                try:
+                    data = _merge_read(
+                        handle, strip.bounds, source.res, indexes, source.resampling
+                    )[0]
+                except Exception as exc:
+                    raise DataError(
+                        f"{filepath} of scene {plan.probe.scene.name} could not be read "
+                        f"({type(exc).__name__}: {_reason(exc)}); re-download or remove it"
+                    ) from exc
+                if data.shape != expect:
+                    raise DataError(
+                        f"a {data.shape} window was read from {filepath}, expected {expect}; "
+                        "this rasterio version is not supported"
+                    )
+                if channel is None:
+                    cloud, nodata_px, nan = data != 0, None, None
+                else:
+                    first = int(offsets[scene]) + strip.r0 * plan.cols
+                    target = out[first : first + strip.rows * plan.cols, channel]
+                    view = np.lib.stride_tricks.sliding_window_view(data, (size, size))
+                    view = view[::step, ::step][: strip.rows, : plan.cols]
+                    np.copyto(target.reshape(strip.rows, plan.cols, size, size), view)
+                    if sums is not None and squares is not None:
+                        part = slice(first, first + strip.rows * plan.cols)
+                        sums[part, channel] = _window_sums(data, strip.rows, plan.cols, size, step)
+                        # Squares of at most 16-bit integers fit 32 bits.
+                        signed = data.dtype.kind == "i"
+                        wide = data.astype(np.int32 if signed else np.uint32)
+                        np.multiply(wide, wide, out=wide)
+                        squares[part, channel] = _window_sums(
+                            wide,
+                            strip.rows,
+                            plan.cols,
+                            size,
+                            step,
+                            np.int64 if signed else np.uint64,
+                        )
+                    # TorchGeo hands the pixels over as float32: compare those values.
+                    exact = data.dtype.kind in "ui" and data.dtype.itemsize <= 2
+                    values = data if exact else data.astype(np.float32)
+                    # Once no pixel of the strip is nodata in every band so far, none is.
+                    cloud, nodata_px = None, None if strip.clear else values == nodata
+                    nan = np.isnan(values) if values.dtype.kind == "f" else None
+                with lock:
+                    if cloud is not None:
+                        strip.cloud = cloud
+                    elif nodata_px is not None:
+                        if strip.nodata is None:
+                            strip.nodata = nodata_px
+                        else:
+                            np.logical_and(strip.nodata, nodata_px, out=strip.nodata)
+                        strip.clear = not strip.nodata.any()
+                    if nan is not None:
+                        strip.nan = nan if strip.nan is None else strip.nan | nan
+                    strip.pending -= 1
+                    done = strip.pending == 0
+                if done:
+                    finish(strip)
+                bar.update(1)
+
+    workers = min(options["workers"], len(tasks) + len(extra))
+    if workers <= 1:
+        for task in tasks:
+            run(*task)
+        return [job() for job in extra]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-tiles") as pool:
+        # The extra jobs first: they run beside the reads rather than after them.
+        jobs = [pool.submit(job) for job in extra]
+        futures = [pool.submit(run, *task) for task in tasks]
+        try:
+            for future in futures:
+                future.result()
+            return [job.result() for job in jobs]
+        except BaseException:
+            for future in [*jobs, *futures]:
+                future.cancel()
+            raise
+
+
+def _moments(sums: np.ndarray, squares: np.ndarray, values: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and population standard deviation from exact per-patch sums of the
+    values and of their squares ((N, C) int64 each) over ``values`` pixels per band: exact
+    integer totals, so both are correctly rounded.
+
+    Returns:
+        ``(mean, std)``, each float64 (C,).
+    """
+    # Chunks whose int64 totals cannot overflow (a patch's sum of squares < 2**62 / step).
+    most = max(1, int(np.abs(squares).max(initial=0)))
+    step = max(1, (1 << 62) // most)
+    mean, var = [], []
+    for band in range(sums.shape[1]):
+        total = sum(int(sums[i : i + step, band].sum()) for i in range(0, len(sums), step))
+        square = sum(int(squares[i : i + step, band].sum()) for i in range(0, len(sums), step))
+        mean.append(total / values)
+        var.append((values * square - total * total) / (values * values))
+    return np.array(mean, dtype=np.float64), np.sqrt(np.array(var, dtype=np.float64))
 
 
 def read_tiles(
@@ -823,7 +1343,7 @@ def read_tiles(
     cloud_mask: str | Path | None = "auto",
     max_nodata: float = DEFAULT_MAX_NODATA,
     read_block: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool | None = None,
 ) -> TileRead:
     """Cut every scene of a tile archive into patches through TorchGeo.
@@ -839,8 +1359,12 @@ def read_tiles(
         cloud_mask: see :func:`find_scenes`.
         max_nodata: skip a patch when more than this share of its pixels is nodata or cloud
             (0 keeps only spotless patches; 1 keeps everything).
-        read_block: patches per side of one TorchGeo read (default: about 1024 px).
-        num_workers: ``DataLoader`` worker processes (0: read in this process).
+        read_block: read through TorchGeo's ``__getitem__`` in blocks of this many patches
+            per side, through a ``DataLoader`` (default: direct windowed reads of the files
+            TorchGeo indexed; the values are the same).
+        num_workers: reader threads over scenes and bands (default: one per core, at most
+            8; 0 or 1: read in the calling thread); the patches are the same whatever the
+            number. With ``read_block``: the ``DataLoader``'s worker processes (default 0).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -851,26 +1375,68 @@ def read_tiles(
             scene, a patch larger than a scene, or every patch skipped.
         ConfigError: a size, resolution or threshold out of range.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     size = _check_size(patch_size, "patch_size")
     step = size if stride is None else _check_size(stride, "stride")
-    block = (
-        max(1, min(32, _READ_PIXELS // step))
-        if read_block is None
-        else _check_size(read_block, "read_block")
-    )
+    block = None if read_block is None else _check_size(read_block, "read_block")
     if not 0.0 <= float(max_nodata) <= 1.0:
         raise ConfigError(f"max_nodata={max_nodata!r} must lie in [0, 1] (a share of pixels)")
     if res is not None and not (math.isfinite(res) and res > 0):
         raise ConfigError(f"res={res!r} must be a positive pixel size in CRS units (e.g. 10)")
-    if num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers} must be 0 or more")
+    if num_workers is not None and (
+        isinstance(num_workers, bool)
+        or not isinstance(num_workers, (int, np.integer))
+        or num_workers < 0
+    ):
+        raise ConfigError(f"num_workers={num_workers!r} must be a whole number, 0 or more")
+
+    import rasterio
+
+    # One rasterio environment for the whole read (each rasterio call would otherwise set
+    # one up and tear it down); reader threads enter their own.
+    handles = _Handles() if block is None else None
+    try:
+        with rasterio.Env():
+            return _read_archive(
+                root,
+                size,
+                step,
+                bands,
+                res,
+                cloud_mask,
+                float(max_nodata),
+                block,
+                num_workers,
+                progress,
+                handles,
+                t0,
+            )
+    finally:
+        if handles is not None:
+            handles.close()
+
+
+def _read_archive(
+    root: str | Path,
+    size: int,
+    step: int,
+    bands: Sequence[str] | None,
+    res: float | None,
+    cloud_mask: str | Path | None,
+    max_nodata: float,
+    block: int | None,
+    num_workers: int | None,
+    progress: bool | None,
+    handles: _Handles | None,
+    t0: float,
+) -> TileRead:
+    """:func:`read_tiles` once its settings are checked."""
+    from tqdm import tqdm
 
     scenes = find_scenes(root, cloud_mask)
-    probes = [_probe(s) for s in scenes]
-    wanted = list(bands) if bands else probes[0].bands
+    first = _probe(scenes[0], handles, list(bands) if bands else None)
+    wanted = list(bands) if bands else first.bands
+    probes = [first, *(_probe(s, handles, wanted) for s in scenes[1:])]
     plans = []
     for probe in probes:
         chosen = _select_bands(probe, wanted)
@@ -895,35 +1461,107 @@ def read_tiles(
     datasets, grids = [], []
     for plan in plans:
         dataset = _scene_dataset(plan)
-        grids.append(_scene_slices(dataset, plan, size, step))
+        grids.append(_scene_grid(dataset, plan, size, step))
         datasets.append(dataset)
-        plan.checksum = sha256_file(plan.source)
     counts = [p.rows * p.cols for p in plans]
     total = sum(counts)
     # Every window has a slot in row-major order (scene by scene, north-west first), so the
-    # patch ids do not depend on how the reads are blocked; skipped slots are dropped last.
+    # patch ids do not depend on how the reads are split; skipped slots are dropped last.
     out = np.empty((total, len(names), size, size), dtype=dtype)
     keep = np.zeros(total, dtype=bool)
     report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
-    options = {
-        "size": size,
-        "stride": step,
-        "block": block,
-        "max_nodata": float(max_nodata),
-        "num_workers": num_workers,
-    }
+    options: dict[str, Any] = {"size": size, "stride": step, "max_nodata": float(max_nodata)}
+    # Every source holds integers of at most 16 bits: so do the patches, resampled or not
+    # (GDAL resamples in the source's dtype); their statistics are then exact sums.
+    integers = all(
+        np.dtype(p.probe.dtypes[b]).kind in "ui" and np.dtype(p.probe.dtypes[b]).itemsize <= 2
+        for p in plans
+        for b in p.bands
+    )
+    if block is None:
+        workers = _default_workers() if num_workers is None else max(1, num_workers)
+        options["workers"] = workers
+        if integers:
+            options["sums"] = np.zeros((total, len(names)), dtype=np.int64)
+            options["squares"] = np.zeros((total, len(names)), dtype=np.int64)
+        reads = 0
+        for plan, dataset in zip(plans, datasets, strict=True):
+            width = (plan.cols - 1) * step + size
+            per_strip = max(1, (max(size, _STRIP_PIXELS // width) - size) // step + 1)
+            masked = dataset.__class__.__name__ == "IntersectionDataset"
+            reads += math.ceil(plan.rows / per_strip) * (len(plan.bands) + int(masked))
+    else:
+        options["block"] = block
+        options["num_workers"] = 0 if num_workers is None else num_workers
+        reads = sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans)
     bar = tqdm(
-        total=sum(math.ceil(p.rows / block) * math.ceil(p.cols / block) for p in plans),
+        total=reads,
         desc=f"reading {Path(root).name}",
         unit="read",
         disable=None if progress is None else not progress,
     )
+    # Every window's place (the kept ones are picked once the pixels are read).
+    scene_all = np.repeat(np.arange(len(plans)), counts)
+    origins = np.concatenate([g.origins() for g in grids])
+    # Windows in each scene's grid, from the exact corners (integers by construction).
+    tops = np.array([p.top for p in plans])[scene_all]
+    lefts = np.array([p.left for p in plans])[scene_all]
+    res_xy = np.array([p.grid for p in plans], dtype=np.float64)[scene_all]
+    windows_all = np.rint(
+        np.stack([(tops - origins[:, 1]) / res_xy[:, 1], (origins[:, 0] - lefts) / res_xy[:, 0]], 1)
+    ).astype(np.int64)
+    crs_all = [plans[i].probe.crs for i in scene_all.tolist()]
+    sources_all = [str(plans[i].source) for i in scene_all.tolist()]
+    georefs_all = [
+        GeoRef(code, (float(rx), 0.0, float(x0), 0.0, -float(ry), float(y1)), size, size)
+        for code, (rx, ry), (x0, y1) in zip(crs_all, res_xy.tolist(), origins.tolist(), strict=True)
+    ]
+
+    def frame_of_all() -> Any:
+        # Built beside the pixel reads; on any failure, footprints() builds it again later.
+        try:
+            return _footprint_frame(georefs_all, sources_all, windows_all)
+        except Exception:
+            return None
+
+    def checksum(plan: _Plan) -> None:
+        plan.checksum = sha256_file(plan.source)
+
+    prebuilt: list[Any] = []
     bounds = np.cumsum([0, *counts])
     try:
-        with _one_torch_thread(), bar:
-            for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
-                part = slice(int(bounds[k]), int(bounds[k + 1]))
-                _read_scene(plan, dataset, grid, out[part], keep[part], report, options, bar)
+        with bar:
+            if block is None:
+                prebuilt = _read_direct(
+                    plans,
+                    datasets,
+                    grids,
+                    out,
+                    keep,
+                    report,
+                    options,
+                    bar,
+                    handles,
+                    extra=[frame_of_all, *(functools.partial(checksum, p) for p in plans)],
+                )
+            else:
+                for plan in plans:
+                    checksum(plan)
+                with _one_torch_thread():
+                    for k, (plan, dataset, grid) in enumerate(
+                        zip(plans, datasets, grids, strict=True)
+                    ):
+                        part = slice(int(bounds[k]), int(bounds[k + 1]))
+                        _read_scene(
+                            plan,
+                            dataset,
+                            grid.slices(),
+                            out[part],
+                            keep[part],
+                            report,
+                            options,
+                            bar,
+                        )
     finally:
         # TorchGeo caches open file handles (and so every dataset) in a class-wide LRU
         # cache; empty it so the files are closed once the pool is read.
@@ -936,33 +1574,38 @@ def read_tiles(
             f"all {total} patches of {root} were skipped: more than {max_nodata:.0%} of each is "
             "nodata or cloud; raise --max-nodata or pass --cloud-mask none"
         )
-    scene_of = np.repeat(np.arange(len(plans)), counts)[kept].tolist()
-    origins = np.concatenate([_origins(g) for g in grids])[kept]
-    # Windows in each scene's grid, from the exact corners (integers by construction).
-    tops = np.array([p.top for p in plans])[scene_of]
-    lefts = np.array([p.left for p in plans])[scene_of]
-    res_xy = np.array([p.grid for p in plans], dtype=np.float64)[scene_of]
-    windows = np.rint(
-        np.stack([(tops - origins[:, 1]) / res_xy[:, 1], (origins[:, 0] - lefts) / res_xy[:, 0]], 1)
-    ).astype(np.int64)
-    crs = [plans[i].probe.crs for i in scene_of]
-    georefs = [
-        GeoRef(code, (float(rx), 0.0, float(x0), 0.0, -float(ry), float(y1)), size, size)
-        for code, (rx, ry), (x0, y1) in zip(crs, res_xy.tolist(), origins.tolist(), strict=True)
-    ]
+    every = kept.size == total
+    georefs = georefs_all if every else [georefs_all[i] for i in kept.tolist()]
+    crs = crs_all if every else [crs_all[i] for i in kept.tolist()]
+    sources = sources_all if every else [sources_all[i] for i in kept.tolist()]
+    scene_of = scene_all[kept].tolist()
+    windows = windows_all[kept]
+    frame = prebuilt[0] if prebuilt else None
+    if frame is not None and not every:
+        frame = frame.iloc[kept].reset_index(drop=True)
+        frame["patch_id"] = np.arange(len(frame), dtype=np.int64)
+    patches = out if kept.size == total else out[kept]
+    band_mean = band_std = None
+    if "sums" in options:
+        values = int(kept.size) * size * size
+        band_mean, band_std = _moments(options["sums"][kept], options["squares"][kept], values)
     report.kept = int(kept.size)
     report.crs_patches = dict(Counter(crs))
     report.seconds = time.perf_counter() - t0
     return TileRead(
-        patches=out if kept.size == total else out[kept],
+        band_mean=band_mean,
+        band_std=band_std,
+        nan_free=integers,
+        patches=patches,
         bands=list(names),
-        sources=[str(plans[i].source) for i in scene_of],
+        sources=sources,
         crs=crs,
         checksums=[plans[i].checksum for i in scene_of],
         georefs=georefs,
         windows=windows,
         resolution=float(np.median([p.grid[0] for p in plans])),
         report=report,
+        _frame=frame,
     )
 
 
