@@ -133,15 +133,16 @@ def test_export_as_csv_and_parquet(session_dir, tmp_path) -> None:
     assert len(frame) == count == 32
     assert {"footprint_i", "footprint_j", "link"} <= set(frame.columns)
     assert shapely.from_wkt(frame["link"].iloc[0]).geom_type == "LineString"
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError) as exc:
-            export_answers(session_dir, tmp_path / "answers.parquet")
-        assert "needs the pyarrow package" in one_line(exc)
-    else:
-        path, _ = export_answers(session_dir, tmp_path / "answers.parquet")
-        assert len(gpd.read_parquet(path)) == 32
+    # GeoParquet (pyarrow comes with the `parquet` extra): the same rows and lines as the
+    # GeoPackage, CRS included.
+    parquet, _ = export_answers(session_dir, tmp_path / "answers.parquet")
+    gpkg, _ = export_answers(session_dir, tmp_path / "answers.gpkg")
+    from_parquet = gpd.read_parquet(parquet)
+    from_gpkg = gpd.read_file(gpkg, layer="answers")
+    assert len(from_parquet) == 32 and from_parquet.crs == from_gpkg.crs
+    assert list(from_parquet["answer"]) == list(from_gpkg["answer"])
+    assert all(from_parquet.geometry.geom_equals_exact(from_gpkg.geometry, 1e-9))
+    assert set(from_parquet.geom_type) == {"LineString"}
     with pytest.raises(ConfigError):
         export_answers(session_dir, tmp_path / "answers.xlsx")
 
