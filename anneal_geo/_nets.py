@@ -100,6 +100,19 @@ def _quantiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def index_pairs(bands: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The spectral indices ``bands`` can compute: (name, position of a, position of b) for
+    each of ``INDICES`` whose two bands (any of their alternatives) are present and differ."""
+    position = {b: i for i, b in enumerate(bands)}
+    pairs: list[tuple[str, int, int]] = []
+    for name, (a_opts, b_opts) in INDICES.items():
+        a = next((position[b] for b in a_opts if b in position), None)
+        b = next((position[b] for b in b_opts if b in position), None)
+        if a is not None and b is not None and a != b:
+            pairs.append((name, a, b))
+    return pairs
+
+
 class SpectralTrunk(nn.Module):
     """Training-free features from band names (see ``anneal_geo.backbones.spectral``)."""
 
@@ -110,13 +123,7 @@ class SpectralTrunk(nn.Module):
         super().__init__()
         self.bands = [str(b) for b in bands]
         self.standardize = Standardize(mean, std)
-        position = {b: i for i, b in enumerate(self.bands)}
-        pairs: list[tuple[str, int, int]] = []
-        for name, (a_opts, b_opts) in INDICES.items():
-            a = next((position[b] for b in a_opts if b in position), None)
-            b = next((position[b] for b in b_opts if b in position), None)
-            if a is not None and b is not None and a != b:
-                pairs.append((name, a, b))
+        pairs = index_pairs(self.bands)
         self.index_names = [name for name, _, _ in pairs]
         self.register_buffer("index_a", torch.tensor([a for _, a, _ in pairs], dtype=torch.long))
         self.register_buffer("index_b", torch.tensor([b for _, _, b in pairs], dtype=torch.long))

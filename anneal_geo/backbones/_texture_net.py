@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anneal_geo._nets import INDICES, QUANTILES, Standardize
+from anneal_geo._nets import QUANTILES, Standardize, index_pairs
 
 __all__ = [
     "FAMILY_SHARE",
@@ -249,12 +249,7 @@ class TextureTrunk(nn.Module):
         self.standardize = Standardize(mean, std)
         position = {b: i for i, b in enumerate(self.bands)}
 
-        pairs: list[tuple[str, int, int]] = []
-        for name, (a_opts, b_opts) in INDICES.items():
-            a = next((position[b] for b in a_opts if b in position), None)
-            b = next((position[b] for b in b_opts if b in position), None)
-            if a is not None and b is not None and a != b:
-                pairs.append((name, a, b))
+        pairs = index_pairs(self.bands)
         self.index_names = [name for name, _, _ in pairs]
         self.register_buffer("index_a", torch.tensor([a for _, a, _ in pairs], dtype=torch.long))
         self.register_buffer("index_b", torch.tensor([b for _, _, b in pairs], dtype=torch.long))
