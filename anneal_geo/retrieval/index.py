@@ -1,4 +1,5 @@
-"""Exact nearest-neighbour search over an archive of embeddings, with faiss.
+"""Exact nearest-neighbour search over an archive of embeddings: faiss for the k nearest, a
+matrix product and a sort for whole-archive rankings.
 
 faiss is imported inside the functions so that importing this module stays light.
 """
@@ -72,10 +73,31 @@ def rank_all(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank the whole archive for each query (as needed for full mAP and MAP@R).
 
+    One matrix product and a sort per row: for k = N a full sort is faster than faiss's
+    k-selection heap (about 3x on 800 x 3,200 on 2 cores). Distances are
+    ``sqrt(max(|x|^2 + |y|^2 - 2 x.y, 0))`` in float32, as :func:`exact_search` computes them;
+    equal distances (duplicate patches) come in a fixed order that is not archive order.
+
     Returns:
-        (distances, indices), both (Q, N), as :func:`exact_search` with k = N.
+        (distances, indices), both (Q, N): float32 distances ascending along each row and
+        int64 archive positions.
+
+    Raises:
+        DataError: an empty or non-finite archive, or queries of another dimension.
     """
-    archive = np.asarray(archive_embeddings)
-    # An empty or malformed archive gets k=1 so exact_search reports what is wrong with it.
-    n = archive.shape[0] if archive.ndim == 2 else 0
-    return exact_search(archive, query_embeddings, max(n, 1))
+    archive = _as_matrix(archive_embeddings, "archive embeddings")
+    queries = _as_matrix(query_embeddings, "query embeddings")
+    if archive.shape[0] == 0:
+        raise DataError("the archive is empty; add at least one embedding to search")
+    if queries.shape[1] != archive.shape[1]:
+        raise DataError(
+            f"query embeddings have {queries.shape[1]} dimensions but the archive has "
+            f"{archive.shape[1]}; embed both with the same backbone"
+        )
+    squared = queries @ archive.T
+    squared *= -2.0
+    squared += np.einsum("ij,ij->i", queries, queries)[:, None]
+    squared += np.einsum("ij,ij->i", archive, archive)[None, :]
+    order = np.argsort(squared, axis=1)
+    distances = np.sqrt(np.maximum(np.take_along_axis(squared, order, axis=1), 0.0))
+    return distances.astype(np.float32, copy=False), order.astype(np.int64, copy=False)
