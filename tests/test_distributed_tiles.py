@@ -286,20 +286,20 @@ def test_cli_embeds_tiles_on_a_running_scheduler(archive: Path, cluster, tmp_pat
     assert f"kept {len(pool)}" in run.stdout
     assert output_files(out)["footprints"].is_file()
     np.testing.assert_allclose(np.load(out), spectral_features(pool), rtol=1e-5, atol=1e-6)
-    for args, message in (
-        (
-            [str(ROOT / "sample_tiles" / "eurosat_ms")],
-            "is not a tile archive",
-        ),
-        ([str(archive), "--bands", "B04,B10"], "band 'B10' is not in scene"),
-        (
-            [str(archive), "--scheduler", "tcp://127.0.0.1:1", "--connect-timeout", "1"],
-            "cannot reach the Dask scheduler at tcp://127.0.0.1:1",
-        ),
-    ):
-        bad = run_cli(*args, "--out", str(tmp_path / "bad.npy"))
-        lines = bad.stderr.strip().splitlines()
-        assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], bad.stderr
+    # The messages themselves are tested through the API above; here, that the command
+    # prints one of them as a single line and exits 2.
+    bad = run_cli(
+        str(archive),
+        "--scheduler",
+        "tcp://127.0.0.1:1",
+        "--connect-timeout",
+        "1",
+        "--out",
+        str(tmp_path / "bad.npy"),
+    )
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in lines[0]
 
 
 def test_multi_band_scene_files_in_this_process(tmp_path: Path) -> None:
