@@ -15,12 +15,19 @@ for several patch sizes:
   with ``Window`` + ``out_shape`` and bilinear resampling onto the patch grid, into one
   array (no saving, no footprints, no statistics).
 
+With ``--stores`` it compares the two pool kinds instead, per case: ``--store array``
+(patches.npy) against ``--store tiles`` (windows.npz; pixels read from the tiles when
+asked): build time to a saved pool, disk used, and the random-access read rate of 256
+random patch ids (``pool.patches[ids]`` on a freshly opened pool, best of ``--repeat``),
+the values checked equal. Those rows go under ``"stores"`` in the same JSON file.
+
 Each timing is the best of ``--repeat`` runs after a warm-up (TorchGeo's import, about 5 s,
 is paid once per process and not counted); a saved pool is timed until ``save`` returns
 (removing the temporary pool afterwards is not counted). The floor's values are checked equal to the
 pool's. Writes ``benchmarks/results/ingest_speed.json``.
 
     .venv/bin/python benchmarks/ingest_speed.py
+    .venv/bin/python benchmarks/ingest_speed.py --stores --sizes 32,64
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,14 +93,99 @@ def timed_pool(options: dict[str, Any], repeat: int) -> tuple[PatchPool, float, 
     return pool, best_read, best_total
 
 
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def store_rows(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    """Array store against tiles store: build, disk, random reads (see the module doc)."""
+    rows = []
+    ten_m = ["B02", "B03", "B04", "B08"]
+    for bands in (None, ten_m):
+        for size in sizes:
+            options: dict[str, Any] = {"bands": bands, "progress": False}
+            with tempfile.TemporaryDirectory() as tmp:
+                build: dict[str, float] = {}
+                for store in ("array", "tiles"):
+                    best = float("inf")
+                    for _ in range(repeat):
+                        out = Path(tmp) / store
+                        shutil.rmtree(out, ignore_errors=True)
+                        t0 = time.perf_counter()
+                        if store == "array":
+                            PatchPool.from_tiles(CELL, size, **options).save(out)
+                        else:
+                            PatchPool.from_tiles(CELL, size, store="tiles", out=out, **options)
+                        best = min(best, time.perf_counter() - t0)
+                    build[store] = best
+                n = len(PatchPool.open(Path(tmp) / "array"))
+                ids = np.random.default_rng(0).integers(0, n, 256)
+                read: dict[str, float] = {}
+                values = {}
+                for store in ("array", "tiles"):
+                    best = float("inf")
+                    for _ in range(repeat):
+                        pool = PatchPool.open(Path(tmp) / store)  # fresh: no open handle
+                        t0 = time.perf_counter()
+                        values[store] = np.array(pool.patches[ids])
+                        best = min(best, time.perf_counter() - t0)
+                    read[store] = best
+                tiles_pool = PatchPool.open(Path(tmp) / "tiles")
+                used = tiles_pool.disk_bytes()
+                row = {
+                    "bands": len(tiles_pool.bands),
+                    "patch_size": size,
+                    "patches": n,
+                    "dtype": str(tiles_pool.patches.dtype),
+                    "array_build_s": round(build["array"], 3),
+                    "tiles_build_s": round(build["tiles"], 3),
+                    "array_pool_bytes": _dir_bytes(Path(tmp) / "array"),
+                    "array_patches_npy_bytes": (Path(tmp) / "array" / "patches.npy").stat().st_size,
+                    "tiles_pool_bytes": used["pool"],
+                    "tiles_read_bytes": used["tiles"],
+                    "array_random_patches_per_s": round(len(ids) / read["array"], 1),
+                    "tiles_random_patches_per_s": round(len(ids) / read["tiles"], 1),
+                    "values_equal": bool(np.array_equal(values["array"], values["tiles"])),
+                }
+            rows.append(row)
+            print(
+                f"{row['bands']:>2} bands {size:>3} px, {n:>4} patches: build array "
+                f"{row['array_build_s']:.2f} s, tiles {row['tiles_build_s']:.2f} s; disk array "
+                f"{row['array_pool_bytes'] / 1e6:.1f} MB, tiles {row['tiles_pool_bytes'] / 1e6:.2f}"
+                f" MB (+ {row['tiles_read_bytes'] / 1e6:.1f} MB of tiles read); 256 random "
+                f"patches: array {row['array_random_patches_per_s']:.0f}/s, tiles "
+                f"{row['tiles_random_patches_per_s']:.0f}/s (equal: {row['values_equal']})",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32,64,120")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dense-stride", type=int, default=16, help="extra 64 px run")
+    parser.add_argument(
+        "--stores", action="store_true", help="only compare --store array and --store tiles"
+    )
     args = parser.parse_args()
     band_files = find_scenes(CELL)[0].band_files
     PatchPool.from_tiles(CELL, 64, bands=["B02"], progress=False)  # warm-up: imports
+    if args.stores:
+        rows = store_rows([int(s) for s in args.sizes.split(",")], args.repeat)
+        target = RESULTS / "ingest_speed.json"
+        saved = json.loads(target.read_text()) if target.is_file() else {}
+        saved["stores"] = {
+            "cell": "sample_tiles/majortom_s2l2a_tile",
+            "repeat": args.repeat,
+            "cores": len(os.sched_getaffinity(0)),
+            "random_ids": 256,
+            "results": rows,
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(saved, indent=1) + "\n")
+        print(f"wrote {target} (stores)")
+        return
     rows = []
     ten_m = ["B02", "B03", "B04", "B08"]
     runs: list[dict[str, Any]] = [
@@ -148,7 +241,10 @@ def main() -> None:
         "cores": len(os.sched_getaffinity(0)),
         "results": rows,
     }
-    (RESULTS / "ingest_speed.json").write_text(json.dumps(out, indent=1) + "\n")
+    previous = RESULTS / "ingest_speed.json"
+    if previous.is_file() and "stores" in (old := json.loads(previous.read_text())):
+        out["stores"] = old["stores"]  # written by --stores
+    previous.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS / 'ingest_speed.json'}")
 
 

@@ -54,6 +54,13 @@ def pool_build(
         help="Treat NaN pixels of float rasters as nodata: fill each with its band's mean "
         "(without it, NaN is an error naming the files).",
     ),
+    store: str = typer.Option(
+        "array",
+        "--store",
+        help="Tiles: array (copy every patch into patches.npy) or tiles (keep only each "
+        "patch's window, windows.npz, and read its pixels from the tiles when asked: "
+        "the same values, a pool of a few MB).",
+    ),
 ) -> None:
     """Read the rasters once into a pool directory (pool.json, patches.npy, footprints.gpkg).
 
@@ -61,7 +68,9 @@ def pool_build(
     patches at 10 m, multi-labels from the JSON). A folder of Sentinel-2 tiles (one file per
     band, e.g. Major TOM's B04.tif, or multi-band scenes) is cut into patches through
     TorchGeo; so is any source given --patch-size, --stride or --res. --workers threads
-    read its scenes and bands in parallel.
+    read its scenes and bands in parallel. --store tiles keeps the windows only: the pool
+    then reads its pixels from the tiles, which must stay where they are (or move together
+    with the pool).
     """
     import time
 
@@ -70,7 +79,17 @@ def pool_build(
     from anneal_geo.data.tiles import is_tile_archive
 
     t0 = time.perf_counter()
+    store = store.lower()
+    if store not in ("array", "tiles"):
+        raise ConfigError(f"--store {store} is not one of array, tiles; pick one")
     cut = any(v is not None for v in (patch_size, stride, res))
+    tiles = cut or is_tile_archive(source)
+    ready_cut = is_bigearthnet(source) or (source / "pool.json").is_file()
+    if store == "tiles" and (not tiles or ready_cut):
+        raise ConfigError(
+            f"--store tiles reads its pixels from a tile archive, and {source} is not one "
+            "(a folder of Sentinel-2 tiles); leave --store out for this source"
+        )
     if is_bigearthnet(source) and not (source / "pool.json").is_file():
         # Checked before the tile layout: a BigEarthNet patch folder also holds one file
         # per band, but its patches are ready-cut and labelled.
@@ -82,7 +101,7 @@ def pool_build(
         pool = PatchPool.from_bigearthnet(source, nan_as_nodata=nan_as_nodata)
         if bands:
             pool = pool.select_bands(split_bands(bands) or [])
-    elif cut or is_tile_archive(source):
+    elif tiles:
         pool = PatchPool.from_tiles(
             source,
             64 if patch_size is None else patch_size,
@@ -94,17 +113,19 @@ def pool_build(
             num_workers=workers,
             on_report=lambda report: typer.echo(report.summary()),
             nan_as_nodata=nan_as_nodata,
+            store=store,
+            out=out,
         )
     else:
         pool = load_pool(source, split_bands(bands), nan_as_nodata=nan_as_nodata)
-    pool.save(out)
+    pool.save(out)  # the tiles store is written as it is built: nothing more to do
     typer.echo(f"built {len(pool)} patches in {time.perf_counter() - t0:.1f} s -> {out}")
     typer.echo(pool.describe())
 
 
 @app.command("info")
 def pool_info(directory: Path = typer.Argument(..., help="A pool directory.")) -> None:
-    """Describe a saved pool: size, bands, classes, CRSs."""
+    """Describe a saved pool: size, bands, classes, CRSs, store kind and disk used."""
     from anneal_geo.data.pool import PatchPool
 
     typer.echo(PatchPool.open(directory).describe())

@@ -13,6 +13,11 @@ Pool directory (format ``anneal-geo-pool``, version 1):
 - ``labels.npy``: (N, L) bool multi-hot, when labelled;
 - ``footprints.gpkg``: one row per patch id, when the sources are georeferenced.
 
+A pool cut from tiles may instead keep only where each patch lies and read its pixels from
+the tiles when asked (``"store": "tiles"`` in ``pool.json``, ``windows.npz`` in place of
+``patches.npy``; see :mod:`anneal_geo.data.windows`): its ``patches`` is then a
+:class:`~anneal_geo.data.windows.TileWindows`, an array-like that gives the same values.
+
 Readers and converters depend on this module, never the other way round: the xarray
 conversion lives in :mod:`anneal_geo.data.cube` (``pool_from_xarray``, ``pool_to_xarray``,
 also exported from :mod:`anneal_geo.data`), which imports :class:`PatchPool`.
@@ -20,7 +25,9 @@ also exported from :mod:`anneal_geo.data`), which imports :class:`PatchPool`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter
@@ -28,14 +35,20 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from anneal_geo.data.bands import RGB_BANDS, band_indices, check_band_names
 from anneal_geo.data.dates import acquisition_dates, check_dates
 from anneal_geo.data.sources import RawPool
-from anneal_geo.errors import DataError
+from anneal_geo.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from anneal_geo.data.windows import TileWindows
+
+#: What a pool's ``patches`` is: an array (memory-mapped once saved), or windows into tiles.
+type Patches = np.ndarray | TileWindows
 
 __all__ = [
     "FOOTPRINTS_FILE",
@@ -43,6 +56,7 @@ __all__ = [
     "LABELS_FILE",
     "PATCHES_FILE",
     "POOL_FILE",
+    "STORES",
     "VERSION",
     "PatchPool",
     "band_statistics",
@@ -56,6 +70,8 @@ POOL_FILE = "pool.json"
 PATCHES_FILE = "patches.npy"
 LABELS_FILE = "labels.npy"
 FOOTPRINTS_FILE = "footprints.gpkg"
+#: How a pool keeps its pixels: ``array`` (patches.npy) or ``tiles`` (read from the tiles).
+STORES = ("array", "tiles")
 
 # Rows per block when streaming statistics or copying to disk: bounded memory for big pools.
 _BLOCK_BYTES = 64 << 20
@@ -63,12 +79,12 @@ _BLOCK_BYTES = 64 << 20
 FootprintSource = Callable[[], Any]
 
 
-def _block_rows(patches: np.ndarray) -> int:
+def _block_rows(patches: Patches) -> int:
     row_bytes = max(1, int(np.prod(patches.shape[1:])) * 8)
     return max(1, _BLOCK_BYTES // row_bytes)
 
 
-def band_statistics(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def band_statistics(patches: Patches) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and (population) standard deviation over all patches and pixels.
 
     Computed block by block in float64 and merged with Chan's parallel formula, so a
@@ -101,16 +117,53 @@ def band_statistics(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _relative_sources(sources: Sequence[str]) -> list[str]:
-    """Sources relative to their common folder, so the fingerprint ignores where the archive
-    was mounted or how its path was spelled."""
+def _relative_sources(sources: Sequence[str]) -> dict[str, str]:
+    """Each distinct source relative to their common folder, so the fingerprint ignores where
+    the archive was mounted or how its path was spelled."""
+    distinct = set(sources)
     try:
-        common = os.path.commonpath(list({os.path.dirname(s) or "." for s in sources}))
+        common = os.path.commonpath(list({os.path.dirname(s) or "." for s in distinct}))
         # Once per distinct source: a tile pool repeats its scenes' files per patch.
-        relative = {s: os.path.relpath(s, common).replace(os.sep, "/") for s in set(sources)}
-        return [relative[s] for s in sources]
+        return {s: os.path.relpath(s, common).replace(os.sep, "/") for s in distinct}
     except ValueError:  # mixed absolute and relative paths: no common folder
-        return list(sources)
+        return {s: s for s in distinct}
+
+
+def _fingerprint(
+    bands: Sequence[str], shape: Sequence[int], dtype: np.dtype[Any], sources: Sequence[str]
+) -> str:
+    """16 hex digits of the SHA-256 of ``json.dumps({"bands", "dtype", "shape", "sources"},
+    sort_keys=True)``, hashed run by run of equal sources (a tile pool repeats each scene's
+    file over its patches) rather than as one string of every source."""
+    relative = _relative_sources(sources)
+    head = json.dumps(
+        {"bands": list(bands), "dtype": dtype.str, "shape": [int(v) for v in shape]},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256((head[:-1] + ', "sources": [').encode())
+    first = True
+    for source, run in itertools.groupby(sources):
+        count = sum(1 for _ in run)
+        item = json.dumps(relative[source])
+        if first:
+            digest.update(item.encode())
+            count, first = count - 1, False
+        if count:
+            digest.update((", " + item).encode() * count)
+    digest.update(b"]}")
+    return digest.hexdigest()[:16]
+
+
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    for entry in directory.iterdir():
+        with contextlib.suppress(OSError):
+            total += entry.stat().st_size if entry.is_file() else 0
+    return total
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _check_writable(directory: Path) -> None:
@@ -126,7 +179,7 @@ def _check_writable(directory: Path) -> None:
 
 
 def check_nan(
-    patches: np.ndarray,
+    patches: Patches,
     sources: Sequence[str],
     bands: Sequence[str],
     *,
@@ -195,7 +248,9 @@ class PatchPool:
 
     Attributes:
         patches: (N, C, H, W) array in its native dtype (uint16 for EuroSAT-MS, uint8 for
-            JPEG, float32 when bands were resampled); a read-only ``np.memmap`` once opened.
+            JPEG, float32 when bands were resampled); a read-only ``np.memmap`` once opened,
+            or, for the tiles store, a :class:`~anneal_geo.data.windows.TileWindows` that
+            reads the same values from the tiles when indexed.
         bands: one name per channel, e.g. ``["B04", "B03", "B02"]``.
         class_names: the label columns, or None when unlabelled.
         labels: (N, L) bool multi-hot over ``class_names`` (one True per row unless
@@ -214,7 +269,7 @@ class PatchPool:
         path: the pool directory when saved or opened, else None.
 
     Args:
-        patches: (N, C, H, W) array.
+        patches: (N, C, H, W) array, or the windows of a tiles store.
         bands: one name per channel.
         class_names: label names (required with ``labels``).
         labels: (N, L) bool multi-hot, or (N,) int class indices for single-label data.
@@ -235,7 +290,7 @@ class PatchPool:
 
     def __init__(
         self,
-        patches: np.ndarray,
+        patches: Patches,
         bands: Sequence[str],
         *,
         class_names: Sequence[str] | None = None,
@@ -252,7 +307,9 @@ class PatchPool:
         path: str | Path | None = None,
         acquired: Sequence[str | None] | None = None,
     ) -> None:
-        if not isinstance(patches, np.ndarray) or patches.ndim != 4:
+        from anneal_geo.data.windows import TileWindows
+
+        if not isinstance(patches, np.ndarray | TileWindows) or patches.ndim != 4:
             raise DataError(
                 f"patches must be an (N, C, H, W) array, got {getattr(patches, 'shape', patches)}"
             )
@@ -260,7 +317,7 @@ class PatchPool:
             raise DataError(f"patches have dtype {patches.dtype}; use an integer or float dtype")
         n, c = patches.shape[:2]
         where = "this pool" if path is None else str(path)
-        self.patches: np.ndarray = patches
+        self.patches: Patches = patches
         self.bands: list[str] = check_band_names(bands, c, where)
         self.multilabel = bool(multilabel)
         self.class_names: list[str] | None = None if class_names is None else list(class_names)
@@ -297,6 +354,9 @@ class PatchPool:
         else:
             self._footprints = footprints
         self._fingerprint: str | None = None
+        # The tiles store's scene table and grid stride (see anneal_geo.data.windows).
+        self._scene_table: list[dict[str, Any]] | None = None
+        self._stride: int | None = None
 
     def _checked_labels(self, labels: np.ndarray | None, n: int) -> np.ndarray | None:
         if labels is None:
@@ -404,9 +464,17 @@ class PatchPool:
         *,
         on_report: Callable[[Any], None] | None = None,
         nan_as_nodata: bool = False,
+        store: str = "array",
+        out: str | Path | None = None,
         **options: Any,
     ) -> PatchPool:
         """Cut a folder of Sentinel-2 tiles into patches through TorchGeo (unlabelled).
+
+        With ``store="tiles"`` the pool keeps only each patch's window and reads its pixels
+        from the tiles when asked (:mod:`anneal_geo.data.windows`): the same patches, in the
+        same order, with the same statistics, footprints and dates; it is written to
+        ``out`` as it is built (the pixels are read once, for the nodata and cloud tests
+        and the statistics, and never held all at once) and returned opened from there.
 
         Args:
             path: the tile archive (one file per band, or one multi-band file per scene).
@@ -414,13 +482,30 @@ class PatchPool:
             on_report: called with the :class:`~anneal_geo.data.tiles.IngestReport`
                 (patches read, kept, skipped as nodata or cloud).
             nan_as_nodata: fill the NaN pixels left in kept patches (NaN already counts as
-                nodata when patches are skipped); without it they are a DataError.
+                nodata when patches are skipped); without it they are a DataError (the
+                tiles store cannot fill them: build it from integer tiles, or use the array
+                store).
+            store: ``"array"`` (the patches in memory; :meth:`save` writes patches.npy) or
+                ``"tiles"`` (windows into the tiles, saved to ``out``).
+            out: the pool directory, for ``store="tiles"`` (required there).
             **options: ``stride``, ``bands``, ``res``, ``cloud_mask``, ``max_nodata``,
                 ``read_block``, ``num_workers``, ``progress`` of
                 :func:`~anneal_geo.data.tiles.read_tiles`.
         """
         from anneal_geo.data.tiles import read_tiles
 
+        if store not in STORES:
+            raise ConfigError(f"store={store!r} is not one of {', '.join(STORES)}; pick one")
+        if store == "tiles":
+            if out is None:
+                raise ConfigError(
+                    "store='tiles' writes the pool as it is built: give its folder with out="
+                )
+            _check_writable(Path(out))
+            read = read_tiles(path, patch_size, keep_pixels=False, **options)
+            if on_report is not None:
+                on_report(read.report)
+            return cls._save_tiles_read(read, Path(out), nan_as_nodata)
         read = read_tiles(path, patch_size, **options)
         if on_report is not None:
             on_report(read.report)
@@ -437,6 +522,64 @@ class PatchPool:
             footprints=read.footprints,
             resolution=read.resolution,
         )
+
+    @classmethod
+    def _save_tiles_read(cls, read: Any, directory: Path, nan_as_nodata: bool) -> PatchPool:
+        """Write a tiles-store pool from a ``read_tiles(..., keep_pixels=False)`` read."""
+        from anneal_geo.data.windows import (
+            WINDOWS_FILE,
+            scene_table,
+            windows_from_layout,
+            write_windows,
+        )
+
+        layout = read.layout
+        assert layout is not None
+        if layout.warped:
+            raise DataError(
+                f"{layout.warped[0]} is not on its scene's grid (TorchGeo warps it), which the "
+                "tiles store does not read; build this archive with --store array"
+            )
+        windows = np.asarray(read.windows)
+        dtype = read.patches.dtype
+        patches = windows_from_layout(layout, windows, dtype)
+        band_mean, band_std = read.band_mean, read.band_std
+        if not read.nan_free:
+            try:
+                check_nan(patches, read.sources, read.bands)  # streams from the tiles
+            except DataError as exc:
+                fill = " (--nan-as-nodata fills them in the array store only)"
+                raise DataError(
+                    f"{str(exc).split(';')[0]}; the tiles store reads the pixels as they are and "
+                    f"cannot fill NaN{fill if nan_as_nodata else ''}: build with --store array "
+                    "--nan-as-nodata, or fix the rasters"
+                ) from exc
+        if band_mean is None or band_std is None:
+            band_mean, band_std = band_statistics(patches)  # streams from the tiles
+        pool = cls(
+            patches,
+            read.bands,
+            sources=read.sources,
+            band_mean=band_mean,
+            band_std=band_std,
+            source_crs=list(read.crs),
+            source_sha256=read.checksums,
+            footprints=read.footprints,
+            resolution=read.resolution,
+        )
+        pool._scene_table = scene_table(layout, directory)
+        pool._stride = layout.stride
+        target = directory / WINDOWS_FILE
+        try:
+            write_windows(directory, layout.scene, windows[:, 0], windows[:, 1], layout.grids)
+            pool._write_rest(directory)
+        except OSError as exc:
+            raise DataError(
+                f"cannot write {target} ({exc.strerror or exc}); free space or choose another "
+                "folder"
+            ) from exc
+        pool.path = directory
+        return pool
 
     @classmethod
     def load(
@@ -481,7 +624,32 @@ class PatchPool:
     # ------------------------------------------------------------------ saving
 
     def _metadata(self) -> dict[str, Any]:
+        if self.store == "tiles":
+            # One row per scene, not one string per patch: patches name their scene in
+            # windows.npz, and sources, checksums, CRSs and dates follow from it.
+            return {
+                "format": FORMAT,
+                "version": VERSION,
+                "store": "tiles",
+                "created": self.created,
+                "n_patches": len(self),
+                "bands": self.bands,
+                "shape": list(self.patches.shape),
+                "patch_size": list(self.patch_size),
+                "stride": self._stride,
+                "dtype": self.patches.dtype.str,
+                "resolution": self.resolution,
+                "class_names": self.class_names,
+                "multilabel": self.multilabel,
+                "band_mean": self.band_mean.tolist(),
+                "band_std": self.band_std.tolist(),
+                "georeferenced": self.footprints is not None,
+                "fingerprint": self.fingerprint,
+                "channels": self._tile_channels(),
+                "scenes": self._scene_table,
+            }
         return {
+            "store": "array",
             "format": FORMAT,
             "version": VERSION,
             "created": self.created,
@@ -515,41 +683,28 @@ class PatchPool:
         directory = Path(directory)
         if self.path is not None and directory.resolve() == self.path.resolve():
             return directory  # already stored there; rewriting would clobber the memmap
+        from anneal_geo.data.windows import WINDOWS_FILE, TileWindows, retarget_table, write_windows
+
         _check_writable(directory)
         target = directory
         try:
-            tmp = directory / (PATCHES_FILE + ".partial")
-            target = directory / PATCHES_FILE
-            # Written through the file (a memory-mapped pool streams from its pages), not
-            # into a writable memmap, whose flush waits for the disk.
-            with open(tmp, "wb") as fh:
-                np.lib.format.write_array(fh, self.patches, allow_pickle=False)
-            os.replace(tmp, target)
-
-            target = directory / LABELS_FILE
-            if self.labels is not None:
-                with open(directory / (LABELS_FILE + ".partial"), "wb") as fh:
-                    np.save(fh, self.labels)
-                os.replace(directory / (LABELS_FILE + ".partial"), target)
+            if isinstance(self.patches, TileWindows):
+                # The same windows into the same tiles, their relative paths from here.
+                target = directory / WINDOWS_FILE
+                windows = self.patches
+                write_windows(directory, windows.scene, windows.row, windows.col, windows.grids())
+                self._scene_table = retarget_table(self._scene_table or [], windows, directory)
+                (directory / PATCHES_FILE).unlink(missing_ok=True)
             else:
-                target.unlink(missing_ok=True)
-
-            target = directory / FOOTPRINTS_FILE
-            footprints = self.footprints
-            if footprints is not None:
-                from anneal_geo.data.footprints import write_footprints
-
-                tmp = directory / ("partial-" + FOOTPRINTS_FILE)
-                tmp.unlink(missing_ok=True)
-                write_footprints(footprints, tmp)
+                tmp = directory / (PATCHES_FILE + ".partial")
+                target = directory / PATCHES_FILE
+                # Written through the file (a memory-mapped pool streams from its pages), not
+                # into a writable memmap, whose flush waits for the disk.
+                with open(tmp, "wb") as fh:
+                    np.lib.format.write_array(fh, self.patches, allow_pickle=False)
                 os.replace(tmp, target)
-            else:
-                target.unlink(missing_ok=True)
-
-            target = directory / POOL_FILE
-            tmp = directory / (POOL_FILE + ".partial")
-            tmp.write_text(json.dumps(self._metadata(), indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, target)
+                (directory / WINDOWS_FILE).unlink(missing_ok=True)
+            self._write_rest(directory)
         except OSError as exc:
             raise DataError(
                 f"cannot write {target} ({exc.strerror or exc}); free space or choose another "
@@ -558,12 +713,42 @@ class PatchPool:
         self.path = directory
         return directory
 
+    def _write_rest(self, directory: Path) -> None:
+        """Write labels, footprints and ``pool.json`` (last) beside the pixels or windows."""
+        target = directory / LABELS_FILE
+        if self.labels is not None:
+            with open(directory / (LABELS_FILE + ".partial"), "wb") as fh:
+                np.save(fh, self.labels)
+            os.replace(directory / (LABELS_FILE + ".partial"), target)
+        else:
+            target.unlink(missing_ok=True)
+
+        target = directory / FOOTPRINTS_FILE
+        footprints = self.footprints
+        if footprints is not None:
+            from anneal_geo.data.footprints import write_footprints
+
+            tmp = directory / ("partial-" + FOOTPRINTS_FILE)
+            tmp.unlink(missing_ok=True)
+            write_footprints(footprints, tmp)
+            os.replace(tmp, target)
+        else:
+            target.unlink(missing_ok=True)
+
+        target = directory / POOL_FILE
+        tmp = directory / (POOL_FILE + ".partial")
+        tmp.write_text(json.dumps(self._metadata(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
     @classmethod
     def open(cls, directory: str | Path) -> PatchPool:
-        """Open a saved pool: memory-maps ``patches.npy``; reads no raster.
+        """Open a saved pool: memory-maps ``patches.npy``; reads no raster. A tiles-store
+        pool opens its windows instead, checking that every tile it reads is there, with
+        the size and mtime recorded (one ``stat`` per file; no pixel is read).
 
         Raises:
-            DataError: not a pool directory, another format or version, or damaged files.
+            DataError: not a pool directory, another format or version, damaged files, or
+                (tiles store) a tile missing or changed since the pool was built.
         """
         directory = Path(directory)
         meta_path = directory / POOL_FILE
@@ -585,6 +770,8 @@ class PatchPool:
                 f"{meta_path} is format/version {found}, not ({FORMAT!r}, {VERSION}); "
                 "rebuild the pool from its sources with this version of anneal-geo"
             )
+        if meta.get("store", "array") == "tiles":
+            return cls._open_tiles(directory, meta, meta_path)
         patches_path = directory / PATCHES_FILE
         try:
             patches = np.load(patches_path, mmap_mode="r")
@@ -628,6 +815,50 @@ class PatchPool:
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{meta_path} lacks {exc}; rebuild the pool") from exc
+
+    @classmethod
+    def _open_tiles(cls, directory: Path, meta: dict[str, Any], meta_path: Path) -> PatchPool:
+        from anneal_geo.data.windows import windows_from_store
+
+        patches, sources, crs, sha256 = windows_from_store(directory, meta, meta_path)
+        footprints: Any = None
+        if meta.get("georeferenced"):
+            from anneal_geo.data.footprints import read_footprints
+
+            footprints = partial(read_footprints, directory / FOOTPRINTS_FILE)
+        try:
+            labels = (
+                np.load(directory / LABELS_FILE) if meta.get("class_names") is not None else None
+            )
+            pool = cls(
+                patches,
+                meta["bands"],
+                class_names=meta.get("class_names"),
+                labels=labels,
+                multilabel=bool(meta.get("multilabel", False)),
+                sources=sources,
+                band_mean=meta["band_mean"],
+                band_std=meta["band_std"],
+                source_crs=crs,
+                source_sha256=sha256,
+                footprints=footprints,
+                resolution=meta.get("resolution"),
+                created=meta.get("created"),
+                path=directory,
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{meta_path} is damaged ({exc}); rebuild the pool") from exc
+        pool._scene_table = meta["scenes"]
+        pool._stride = int(meta["stride"])
+        # Recorded at build time from the same bands, shape, dtype and sources.
+        if isinstance(meta.get("fingerprint"), str):
+            pool._fingerprint = meta["fingerprint"]
+        return pool
+
+    def _tile_channels(self) -> list[int]:
+        from anneal_geo.data.windows import TileWindows
+
+        return list(self.patches.channels) if isinstance(self.patches, TileWindows) else []
 
     # ------------------------------------------------------------------ views
 
@@ -676,17 +907,28 @@ class PatchPool:
         path differently keeps the fingerprint.
         """
         if self._fingerprint is None:
-            payload = json.dumps(
-                {
-                    "bands": self.bands,
-                    "shape": list(self.patches.shape),
-                    "dtype": self.patches.dtype.str,
-                    "sources": _relative_sources(self.sources),
-                },
-                sort_keys=True,
+            self._fingerprint = _fingerprint(
+                self.bands, self.patches.shape, self.patches.dtype, self.sources
             )
-            self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def store(self) -> str:
+        """How the pixels are kept: ``"array"`` (an array, ``patches.npy`` once saved) or
+        ``"tiles"`` (windows read from the tile files when asked)."""
+        from anneal_geo.data.windows import TileWindows
+
+        return "tiles" if isinstance(self.patches, TileWindows) else "array"
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Disk used: ``pool`` (the pool directory's files; 0 when not saved) and, for the
+        tiles store, ``tiles`` (the tile files it reads, each once)."""
+        from anneal_geo.data.windows import TileWindows, tiles_bytes
+
+        used = {"pool": 0 if self.path is None else _directory_bytes(self.path)}
+        if isinstance(self.patches, TileWindows):
+            used["tiles"] = tiles_bytes(self.patches)
+        return used
 
     def _check_ids(self, ids: Any) -> np.ndarray:
         arr = np.asarray(ids)
@@ -741,11 +983,20 @@ class PatchPool:
         Raises:
             DataError: a band is not in the pool (the message lists the available ones).
         """
+        from anneal_geo.data.windows import TileWindows
+
         index = band_indices(self.bands, names)
         # Selecting every band in order shares the (possibly memory-mapped) array: no copy.
         same = index == list(range(self.n_bands))
+        patches: Patches
+        if same:
+            patches = self.patches
+        elif isinstance(self.patches, TileWindows):
+            patches = self.patches.with_channels(index)  # still windows: no pixel read
+        else:
+            patches = np.ascontiguousarray(self.patches[:, index])
         pool = PatchPool(
-            self.patches if same else np.ascontiguousarray(self.patches[:, index]),
+            patches,
             [self.bands[i] for i in index],
             class_names=self.class_names,
             labels=self.labels,
@@ -761,6 +1012,7 @@ class PatchPool:
         )
         # Same patches, same footprints: share them lazily instead of rebuilding.
         pool._footprint_source = lambda: self.footprints
+        pool._scene_table, pool._stride = self._scene_table, self._stride
         return pool
 
     def rgb(self, patch_id: int) -> np.ndarray:
@@ -797,12 +1049,16 @@ class PatchPool:
         if self.source_sha256 is None:
             return []
         changed = []
+        checked: dict[tuple[str, str], bool] = {}  # a tile pool repeats a scene's file
         for source, digest in zip(self.sources, self.source_sha256, strict=True):
-            path = Path(source)
-            try:
-                ok = (patch_sha256(path) if path.is_dir() else sha256_file(path)) == digest
-            except OSError:
-                ok = False
+            ok = checked.get((source, digest))
+            if ok is None:
+                path = Path(source)
+                try:
+                    ok = (patch_sha256(path) if path.is_dir() else sha256_file(path)) == digest
+                except OSError:
+                    ok = False
+                checked[(source, digest)] = ok
             if not ok:
                 changed.append(source)
         return changed
@@ -817,6 +1073,18 @@ class PatchPool:
             + ("" if self.resolution is None else f" at {self.resolution:.4g} m/px"),
             f"dtype:       {self.patches.dtype}",
         ]
+        from anneal_geo.data.windows import TileWindows
+
+        used = self.disk_bytes()
+        if isinstance(self.patches, TileWindows):
+            n_files = len(self.patches.files())
+            lines.append(f"store:       tiles (windows read from {n_files} tile files)")
+            disk = f"{_megabytes(used['pool'])} pool directory"
+            lines.append(f"disk:        {disk} + {_megabytes(used['tiles'])} of tiles read")
+        else:
+            lines.append("store:       array (patches.npy)")
+            saved = f"{_megabytes(used['pool'])} pool directory" if self.path else "not saved"
+            lines.append(f"disk:        {saved}")
         if self.class_names is None:
             lines.append("labels:      none")
         else:

@@ -67,6 +67,7 @@ __all__ = [
     "IngestReport",
     "ReportCallback",
     "Scene",
+    "TileLayout",
     "TileRead",
     "dataset_classes",
     "find_scenes",
@@ -340,6 +341,23 @@ class _Handles:
         """The open handle of ``path`` (now the caller's to close), or None."""
         with self._lock:
             return self._open.pop(str(path), None)
+
+    def get(self, path: str | Path) -> Any:
+        """The open handle of ``path``, opened now if need be and kept open for the next
+        call (the least recently used one is closed beyond ``limit``); this object still
+        owns it: do not close it."""
+        import rasterio
+
+        key = str(path)
+        with self._lock:
+            src = self._open.pop(key, None)
+            if src is None:
+                src = rasterio.open(key)
+            self._open[key] = src  # now the most recently used
+            while len(self._open) > self.limit:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close()
+            return src
 
     def close(self) -> None:
         """Close every handle not taken."""
@@ -652,7 +670,7 @@ class TileRead:
 
     Attributes:
         patches: (N, C, P, P) array (the source dtype when no band was resampled, else
-            float32).
+            float32); (0, C, P, P), its dtype only, when read with ``keep_pixels=False``.
         bands: band names, one per channel.
         sources: per patch, its scene's reference file (the file its pixel window is in).
         crs: per patch, its scene's CRS (``"EPSG:32648"``).
@@ -666,6 +684,8 @@ class TileRead:
             reading (integer sources), else None.
         band_std: per-band population standard deviation, likewise.
         nan_free: whether the patches cannot hold NaN (integer sources).
+        layout: where each kept patch lies in its scene's files (what a pool that reads
+            its pixels from the tiles keeps).
     """
 
     patches: np.ndarray
@@ -680,6 +700,7 @@ class TileRead:
     band_mean: np.ndarray | None = None
     band_std: np.ndarray | None = None
     nan_free: bool = False
+    layout: TileLayout | None = None
     _frame: Any = field(default=None, repr=False, compare=False)
 
     def footprints(self) -> Any:
@@ -689,6 +710,32 @@ class TileRead:
             frame, self._frame = self._frame, None  # built while the pixels were read
             return frame
         return _footprint_frame(self.georefs, self.sources, self.windows)
+
+
+@dataclass
+class TileLayout:
+    """Where the kept patches of a read lie in the tiles: enough to read them again.
+
+    Attributes:
+        size: patch side P in pixels.
+        stride: pixels between neighbouring patches.
+        scenes: per scene: ``name``, ``crs``, ``source`` (its reference file), ``sha256``
+            (of the source), ``res`` (the grid's pixel size x, y), ``resampling`` (the
+            rasterio resampling name TorchGeo reads with), ``row0``/``col0`` (the pixel
+            offset of its first window), ``files`` (per channel, the file read) and
+            ``indexes`` (per channel, the 1-based band index in that file).
+        grids: per scene, the exact float64 ``(x_start, x_stop, y_start, y_stop)`` of its
+            patch grid (columns west to east, rows north to south), as TorchGeo laid it.
+        scene: (N,) int64 scene of each kept patch.
+        warped: files TorchGeo read through a ``WarpedVRT`` (not in the scene's grid).
+    """
+
+    size: int
+    stride: int
+    scenes: list[dict[str, Any]]
+    grids: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    scene: np.ndarray
+    warped: list[str]
 
 
 def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows: np.ndarray) -> Any:
@@ -1163,6 +1210,8 @@ def _read_direct(
     size, step = options["size"], options["stride"]
     sums, squares = options.get("sums"), options.get("squares")  # per patch and band
     warp_cache: dict[Any, bool] = {}
+    warped: list[str] = options.setdefault("warped", [])
+    keep_pixels = bool(options.get("keep_pixels", True))
     max_nodata = options["max_nodata"]
     lock = threading.Lock()
     offsets = np.cumsum([0, *(p.rows * p.cols for p in plans)])
@@ -1231,6 +1280,9 @@ def _read_direct(
                 f"{filepath} of scene {plan.probe.scene.name} could not be opened "
                 f"({type(exc).__name__}: {_reason(exc)}); check the file"
             ) from exc
+        if not isinstance(handle, rasterio.io.DatasetReader):
+            with lock:
+                warped.append(filepath)
         with rasterio.Env(), handle:
             for strip in strips[scene]:
                 expect = ((strip.rows - 1) * step + size, (plan.cols - 1) * step + size)
@@ -1252,10 +1304,11 @@ def _read_direct(
                     cloud, nodata_px, nan = data != 0, None, None
                 else:
                     first = int(offsets[scene]) + strip.r0 * plan.cols
-                    target = out[first : first + strip.rows * plan.cols, channel]
-                    view = np.lib.stride_tricks.sliding_window_view(data, (size, size))
-                    view = view[::step, ::step][: strip.rows, : plan.cols]
-                    np.copyto(target.reshape(strip.rows, plan.cols, size, size), view)
+                    if keep_pixels:
+                        target = out[first : first + strip.rows * plan.cols, channel]
+                        view = np.lib.stride_tricks.sliding_window_view(data, (size, size))
+                        view = view[::step, ::step][: strip.rows, : plan.cols]
+                        np.copyto(target.reshape(strip.rows, plan.cols, size, size), view)
                     if sums is not None and squares is not None:
                         part = slice(first, first + strip.rows * plan.cols)
                         sums[part, channel] = _window_sums(data, strip.rows, plan.cols, size, step)
@@ -1345,6 +1398,7 @@ def read_tiles(
     read_block: int | None = None,
     num_workers: int | None = None,
     progress: bool | None = None,
+    keep_pixels: bool = True,
 ) -> TileRead:
     """Cut every scene of a tile archive into patches through TorchGeo.
 
@@ -1366,9 +1420,13 @@ def read_tiles(
             8; 0 or 1: read in the calling thread); the patches are the same whatever the
             number. With ``read_block``: the ``DataLoader``'s worker processes (default 0).
         progress: show a progress bar (None: only on a terminal).
+        keep_pixels: keep the patches (False: read them to decide which to keep and to sum
+            the band statistics, then let them go; ``patches`` is then empty, (0, C, P, P),
+            and ``layout`` says where each kept patch lies; direct reads only).
 
     Returns:
-        the patches, their exact footprints and an :class:`IngestReport`.
+        the patches, their exact footprints, their :class:`TileLayout` and an
+        :class:`IngestReport`.
 
     Raises:
         DataError: no rasters, a raster without CRS, a requested band missing from a
@@ -1389,6 +1447,11 @@ def read_tiles(
         or num_workers < 0
     ):
         raise ConfigError(f"num_workers={num_workers!r} must be a whole number, 0 or more")
+    if not keep_pixels and block is not None:
+        raise ConfigError(
+            f"read_block={read_block!r} reads through TorchGeo's DataLoader, which a pool "
+            "that reads its pixels from the tiles does not use; leave read_block out"
+        )
 
     import rasterio
 
@@ -1410,6 +1473,7 @@ def read_tiles(
                 progress,
                 handles,
                 t0,
+                keep_pixels,
             )
     finally:
         if handles is not None:
@@ -1429,6 +1493,7 @@ def _read_archive(
     progress: bool | None,
     handles: _Handles | None,
     t0: float,
+    keep_pixels: bool = True,
 ) -> TileRead:
     """:func:`read_tiles` once its settings are checked."""
     from tqdm import tqdm
@@ -1467,7 +1532,7 @@ def _read_archive(
     total = sum(counts)
     # Every window has a slot in row-major order (scene by scene, north-west first), so the
     # patch ids do not depend on how the reads are split; skipped slots are dropped last.
-    out = np.empty((total, len(names), size, size), dtype=dtype)
+    out = np.empty((total if keep_pixels else 0, len(names), size, size), dtype=dtype)
     keep = np.zeros(total, dtype=bool)
     report = IngestReport(scenes=len(plans), windows=total, max_nodata=float(max_nodata))
     options: dict[str, Any] = {"size": size, "stride": step, "max_nodata": float(max_nodata)}
@@ -1481,6 +1546,7 @@ def _read_archive(
     if block is None:
         workers = _default_workers() if num_workers is None else max(1, num_workers)
         options["workers"] = workers
+        options["keep_pixels"] = keep_pixels
         if integers:
             options["sums"] = np.zeros((total, len(names)), dtype=np.int64)
             options["squares"] = np.zeros((total, len(names)), dtype=np.int64)
@@ -1511,7 +1577,8 @@ def _read_archive(
         np.stack([(tops - origins[:, 1]) / res_xy[:, 1], (origins[:, 0] - lefts) / res_xy[:, 0]], 1)
     ).astype(np.int64)
     crs_all = [plans[i].probe.crs for i in scene_all.tolist()]
-    sources_all = [str(plans[i].source) for i in scene_all.tolist()]
+    scene_sources = [str(p.source) for p in plans]  # one string per scene, shared
+    sources_all = [scene_sources[i] for i in scene_all.tolist()]
     georefs_all = [
         GeoRef(code, (float(rx), 0.0, float(x0), 0.0, -float(ry), float(y1)), size, size)
         for code, (rx, ry), (x0, y1) in zip(crs_all, res_xy.tolist(), origins.tolist(), strict=True)
@@ -1584,7 +1651,7 @@ def _read_archive(
     if frame is not None and not every:
         frame = frame.iloc[kept].reset_index(drop=True)
         frame["patch_id"] = np.arange(len(frame), dtype=np.int64)
-    patches = out if kept.size == total else out[kept]
+    patches = out if kept.size == total or not keep_pixels else out[kept]
     band_mean = band_std = None
     if "sums" in options:
         values = int(kept.size) * size * size
@@ -1605,7 +1672,57 @@ def _read_archive(
         windows=windows,
         resolution=float(np.median([p.grid[0] for p in plans])),
         report=report,
+        layout=_layout(plans, datasets, grids, windows_all, bounds, scene_all[kept], options),
         _frame=frame,
+    )
+
+
+def _layout(
+    plans: Sequence[_Plan],
+    datasets: Sequence[Any],
+    grids: Sequence[_Grid],
+    windows_all: np.ndarray,
+    bounds: np.ndarray,
+    scene: np.ndarray,
+    options: dict[str, Any],
+) -> TileLayout:
+    """The :class:`TileLayout` of a read: per scene its files and grid, per patch its scene."""
+    scenes = []
+    for k, (plan, dataset) in enumerate(zip(plans, datasets, strict=True)):
+        source = (
+            dataset.datasets[0] if dataset.__class__.__name__ == "IntersectionDataset" else dataset
+        )
+        if plan.probe.scene.file is not None:
+            band_indexes = source.band_indexes
+            files = [str(plan.probe.scene.file)] * len(plan.bands)
+            indexes = [
+                int(band_indexes[c]) if band_indexes else c + 1 for c in range(len(plan.bands))
+            ]
+        else:
+            files = [str(plan.probe.scene.band_files[b]) for b in plan.bands]
+            indexes = [1] * len(plan.bands)
+        row0, col0 = (int(v) for v in windows_all[int(bounds[k])])
+        scenes.append(
+            {
+                "name": plan.probe.scene.name,
+                "crs": plan.probe.crs,
+                "source": str(plan.source),
+                "sha256": plan.checksum,
+                "res": [float(plan.grid[0]), float(plan.grid[1])],
+                "resampling": source.resampling.name,
+                "row0": row0,
+                "col0": col0,
+                "files": files,
+                "indexes": indexes,
+            }
+        )
+    return TileLayout(
+        size=int(options["size"]),
+        stride=int(options["stride"]),
+        scenes=scenes,
+        grids=[(g.x_start, g.x_stop, g.y_start, g.y_stop) for g in grids],
+        scene=np.asarray(scene, dtype=np.int64),
+        warped=sorted(set(options.get("warped", []))),
     )
 
 
