@@ -157,6 +157,28 @@ def test_fit_statistics_refuses_bad_input(rgb: PatchPool) -> None:
     assert torch.isfinite(trunk.feature_std).all() and (trunk.feature_std > 0).all()
 
 
+def test_a_large_pool_is_fitted_block_by_block_to_the_same_statistics(
+    ms: PatchPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anneal_geo.backbones import _texture_net
+
+    trunk = build(ms)
+    with torch.inference_mode():
+        raw = trunk.raw_features(patches(ms, np.arange(len(ms)))).numpy()
+    trunk.fit_statistics(raw)
+    whole = (trunk.feature_mean.clone(), trunk.feature_std.clone())
+    # Blocks of 50 rows: six blocks, the last one short; NaN in the last block is still found.
+    monkeypatch.setattr(_texture_net, "_FIT_BLOCK", 50)
+    blocked = build(ms)
+    blocked.fit_statistics(raw)
+    torch.testing.assert_close(blocked.feature_mean, whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocked.feature_std, whole[1], rtol=1e-6, atol=1e-6)
+    assert bool(blocked.fitted)
+    raw[-1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build(ms).fit_statistics(raw)
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="histogram_binz"):
         TextureBackbone(histogram_binz=4)

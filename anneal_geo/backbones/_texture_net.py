@@ -60,6 +60,9 @@ FFT_RINGS: tuple[float, ...] = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0
 #: Floor of a fitted feature standard deviation, relative to the largest one (and at least
 #: this absolute value): a feature constant over the pool is centred, not blown up.
 STD_FLOOR = 1e-6
+#: Rows of raw features reduced at once when fitting the statistics: pools up to this size
+#: are reduced in one go; larger ones block by block, so no float64 copy of the whole.
+_FIT_BLOCK = 65536
 #: Added before taking the log of a gradient magnitude (pool-standardised units).
 _LOG_EPS = 1e-3
 #: Offsets (dy, dx) of the 8 neighbours of a local binary pattern, in circular order.
@@ -444,15 +447,35 @@ class TextureTrunk(nn.Module):
             ValueError: wrong shape, no rows, or non-finite values.
         """
         values = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw))
-        values = values.detach().to(dtype=torch.float64, device=self.feature_mean.device)
+        values = values.detach()
         if values.ndim != 2 or values.shape[1] != self.out_dim or values.shape[0] < 1:
             raise ValueError(
                 f"raw features have shape {tuple(values.shape)}, expected (N, {self.out_dim})"
             )
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("raw features contain NaN or infinite values")
-        mean = values.mean(0)
-        std = values.std(0, unbiased=False)
+        device = self.feature_mean.device
+        n = int(values.shape[0])
+
+        def block(start: int) -> torch.Tensor:
+            part = values[start : start + _FIT_BLOCK].to(dtype=torch.float64, device=device)
+            if not bool(torch.isfinite(part).all()):
+                raise ValueError("raw features contain NaN or infinite values")
+            return part
+
+        if n <= _FIT_BLOCK:
+            whole = block(0)
+            mean = whole.mean(0)
+            std = whole.std(0, unbiased=False)
+        else:
+            # A large pool in float64 blocks (two passes: the mean, then the squared
+            # deviations from it), never a float64 copy of the whole (N, D) array.
+            total = torch.zeros(self.out_dim, dtype=torch.float64, device=device)
+            for start in range(0, n, _FIT_BLOCK):
+                total += block(start).sum(0)
+            mean = total / n
+            squares = torch.zeros_like(total)
+            for start in range(0, n, _FIT_BLOCK):
+                squares += (block(start) - mean).square().sum(0)
+            std = (squares / n).sqrt()
         floor = max(STD_FLOOR, float(std.max()) * STD_FLOOR)
         std = torch.where(std > floor, std, torch.ones_like(std))
         self.feature_mean.copy_(mean.float())
