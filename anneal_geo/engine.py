@@ -602,6 +602,7 @@ class Engine:
             seed=cfg.seed,
             progress=self.progress,
             pair_budget=cfg.pair_budget,
+            trim=cfg.trim_loss,
         )
         latest = self.session.latest_checkpoint()
         if latest is not None:
@@ -696,11 +697,20 @@ class Engine:
         return self.rounds_done >= self.total_rounds
 
     def labelled(self) -> Any:
-        """The transitive closure of every effective answer so far."""
+        """The transitive closure of every effective answer so far, without the answers
+        the ``repair`` setting suspects (the stored answers stay as given)."""
         from anneal_geo.pairs.transitivity import closure
 
-        pairs, labels, _ = self.store.answers()
-        return closure(pairs, labels, n=len(self.pool), implies=self.config.transitivity)
+        # Suspects are judged on the frozen trunk features where they are cached (head
+        # mode), not on the embedding trained on those very answers.
+        features = getattr(getattr(self, "trainer", None), "features", None)
+        return closure(
+            *self.store.answers()[:2],
+            n=len(self.pool),
+            implies=self.config.transitivity,
+            repair=self.config.repair,
+            features=self.embeddings if features is None else features,
+        )
 
     def _writable(self, what: str) -> PairStore:
         if self.read_only:
@@ -879,6 +889,7 @@ class Engine:
             "round_pairs": len(pairs),
             "round_similar": int(np.sum(round_answers == 1)),
             "contradictions": len(labelled.contradictions),
+            "suspect_answers": len(labelled.suspects),
             **metrics,
             "seconds_select": stats.get("seconds_select", 0.0),
             "seconds_annotate": stats.get("seconds_annotate", 0.0),

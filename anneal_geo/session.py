@@ -91,6 +91,15 @@ class SessionConfig:
         transitivity: what the answers imply (METHOD.md 3.7): ``full`` (similar components
             and dissimilar cross blocks), ``similar`` (the components' similar pairs only) or
             ``none`` (train on the answers alone).
+        repair: how the closure treats answers that may be wrong (METHOD.md 3.7): ``none``
+            (default: a contradicted component implies nothing), ``cut`` (the answers most
+            likely wrong in a contradiction are left out of training as suspects and the rest
+            keeps implying) or ``split`` (``cut``, and also a "similar" joining two groups
+            whose trunk features lie, as groups, beyond the distance that separates the
+            answers; for a person who errs, see the README). Stored answers never change.
+        trim_loss: from the second round on, each training batch leaves out this share of its
+            similar and of its dissimilar pairs with the largest loss (small-loss selection);
+            0 (default) trains on every pair.
         embedding_dim: D of the metric space.
         query_fraction: share of each class held out as retrieval queries.
         eval_k: k of mAP@k.
@@ -118,6 +127,8 @@ class SessionConfig:
     mix: float = 0.25
     pair_budget: int = 4096
     transitivity: str = "full"
+    repair: str = "none"
+    trim_loss: float = 0.0
     embedding_dim: int = 128
     query_fraction: float = 0.2
     eval_k: int = 20
@@ -158,7 +169,13 @@ class SessionConfig:
 #: Settings that session.toml files written before they existed lack, with the value that
 #: keeps such a session behaving as it did when it was written (its default for a new
 #: session may differ): retrieval without the mixed-in features, and training on every pair.
-SETTINGS_ADDED_LATER: dict[str, Any] = {"mix": 0.0, "pair_budget": 0, "transitivity": "full"}
+SETTINGS_ADDED_LATER: dict[str, Any] = {
+    "mix": 0.0,
+    "pair_budget": 0,
+    "transitivity": "full",
+    "repair": "none",
+    "trim_loss": 0.0,
+}
 
 
 # -- checking settings: types from the annotations, ranges from a table ---------------------
@@ -179,6 +196,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "margin": ("positive", lambda v: v > 0.0),
     "mix": ("a finite number, 0 or more", lambda v: 0.0 <= v < float("inf")),
     "pair_budget": ("0 (every pair) or at least 2", lambda v: v == 0 or v >= 2),
+    "trim_loss": ("in [0, 0.5)", lambda v: 0.0 <= v < 0.5),
     "embedding_dim": ("at least 1", lambda v: v >= 1),
     "query_fraction": ("in (0, 1)", lambda v: 0.0 < v < 1.0),
     "eval_k": ("at least 1", lambda v: v >= 1),
@@ -190,6 +208,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "candidates": ("auto", "exhaustive", "knn", "uniform"),
     "train_mode": ("head", "full"),
     "transitivity": ("full", "similar", "none"),
+    "repair": ("cut", "split", "none"),
 }
 
 

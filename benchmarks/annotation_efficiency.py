@@ -6,7 +6,9 @@ Methods (each for ``--seeds`` seeds, with the simulated oracle):
 - pair methods, run as real sessions (:class:`anneal_geo.engine.Engine`): ``random pairs``;
   ``MGUE top-k`` and ``BCGUE top-k`` (uncertainty, no diversity); ``clustering only``
   (random uncertainty, k-means diversity); ``ANNEAL-MGUE``; ``ANNEAL-BCGUE``;
-  ``ANNEAL-MGUE 5% flipped`` and ``10% flipped`` (the oracle flips that share of answers);
+  ``ANNEAL-MGUE 5% flipped`` and ``10% flipped`` (the oracle flips that share of answers;
+  ``--repair`` and ``--trim-loss`` set how the session treats suspect answers, and are part
+  of these cells' settings, and of the others' only where they change consistent answers);
 - ``class-label AL``: class labels at equal bits (log2(C) bits per image), chosen by margin
   sampling on a cosine-softmax classifier trained with cross-entropy on the same features and
   head, retrieval from the head's embedding (``quality_baselines.py``);
@@ -90,6 +92,8 @@ VARIANT_KEYS = {
     "budget": int,
     "initial": int,
     "pair_budget": int,
+    "repair": str,
+    "trim_loss": float,
 }
 
 
@@ -133,6 +137,8 @@ def run_method(
         mix=_setting(args, "mix"),
         pair_budget=_setting(args, "pair_budget"),
         transitivity=_setting(args, "transitivity"),
+        repair=_setting(args, "repair"),
+        trim_loss=_setting(args, "trim_loss"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
@@ -365,6 +371,19 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
     return settings
 
 
+def noise_settings(method: str, settings: dict[str, Any], args: argparse.Namespace) -> dict:
+    """``settings`` with ``repair`` and ``trim_loss`` for the pair methods they affect: the
+    flipped ones always; the others only when the values change what consistent answers
+    give (``repair=split`` or ``trim_loss`` > 0), so that their cached cells stay valid."""
+    if method not in METHODS:
+        return settings
+    repair = settings.get("repair", args.repair)
+    trim_loss = settings.get("trim_loss", args.trim_loss)
+    if METHODS[method].get("noise") or repair == "split" or trim_loss:
+        return {"repair": repair, "trim_loss": trim_loss, **settings}
+    return settings
+
+
 def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=1))
@@ -513,6 +532,8 @@ def main() -> None:
     parser.add_argument("--pair-budget", type=int, default=DEFAULTS.pair_budget)
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--transitivity", default=DEFAULTS.transitivity)
+    parser.add_argument("--repair", default=DEFAULTS.repair, help="none, cut or split")
+    parser.add_argument("--trim-loss", type=float, default=DEFAULTS.trim_loss)
     parser.add_argument("--cnn-rounds", type=int, default=20, help="rounds of the small CNN")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--validation", action="store_true", help="archive only (see above)")
@@ -572,11 +593,12 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         for variant in variants:
-            settings = cell_settings(args, variant)
+            variant_settings = cell_settings(args, variant)
             label = variant_label(variant)
             for method in methods:
                 if method == CNN and (variant or args.validation):
                     continue  # the CNN bound does not depend on the settings varied here
+                settings = noise_settings(method, variant_settings, args)
                 key = f"{label}|{method}|{seed}"
                 done = data["runs"].get(key)
                 cnn_rounds = args.cnn_rounds if method == CNN else None

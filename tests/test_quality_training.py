@@ -260,14 +260,16 @@ def test_run_command_takes_margin_and_mix(pool_dir: Path, tmp_path: Path) -> Non
     result = CliRunner().invoke(
         app,
         ["run", "--data", str(pool_dir), "--rounds", "0", "--initial", "20", "--epochs", "2",
-         "--margin", "1.0", "--mix", "0.5", "--transitivity", "similar", "--out", str(out)],
+         "--margin", "1.0", "--mix", "0.5", "--transitivity", "similar", "--repair", "split",
+         "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     settings = tomllib.loads((out / "session.toml").read_text())["settings"]
     assert settings["margin"] == 1.0 and settings["mix"] == 0.5  # not the defaults
-    assert settings["transitivity"] == "similar"
-    bad = CliRunner().invoke(
-        app, ["run", "--data", str(pool_dir), "--mix", "-1", "--out", str(tmp_path / "bad")]
-    )
-    assert bad.exit_code != 0 and "mix" in str(bad.output) + str(bad.exception)
-    assert not (tmp_path / "bad").exists()
+    assert settings["transitivity"] == "similar" and settings["repair"] == "split"
+    for option, value in (("--mix", "-1"), ("--repair", "maybe")):
+        bad = CliRunner().invoke(
+            app, ["run", "--data", str(pool_dir), option, value, "--out", str(tmp_path / "bad")]
+        )
+        assert bad.exit_code != 0 and option[2:] in str(bad.output) + str(bad.exception)
+        assert not (tmp_path / "bad").exists()

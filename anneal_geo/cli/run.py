@@ -190,6 +190,11 @@ def run(
         _DEFAULTS.transitivity, help="What the answers imply: full (similar groups and "
         "dissimilar cross pairs), similar (groups only) or none (the answers alone)."
     ),
+    repair: str = typer.Option(
+        _DEFAULTS.repair, help="Answers that may be wrong: none (a contradicted group implies "
+        "nothing), cut (leave out the answers a contradiction points at) or split (cut, and "
+        "also a similar answer joining two groups far apart; for a person who errs)."
+    ),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
     config: Path | None = typer.Option(
@@ -245,6 +250,7 @@ def run(
         "margin": margin,
         "mix": mix,
         "transitivity": transitivity,
+        "repair": repair,
         "bands": split_bands(bands),
     }
     for name, value in given.items():

@@ -5,6 +5,17 @@ similar. A dissimilar answer between two components makes all their cross pairs 
 Two dissimilar answers imply nothing. A dissimilar answer *inside* a component is a
 contradiction: it is kept as asked, reported, and the component then implies nothing (its
 queried pairs stay), because one of the similar answers that built it must be wrong.
+
+With ``repair="cut"`` a contradiction is instead resolved (:func:`suspect_answers`): the
+similar answer whose removal separates the contradicting pair and the most other dissimilar
+answers is taken for the wrong one (ties: the patches farthest apart in ``features``); where
+no single one separates them, the fewest that do (a minimum cut), unless they outnumber the
+dissimilar answers they separate, and then the dissimilar answer is suspected. With
+``repair="split"`` a similar answer joining two groups that lie far apart as groups is
+suspected too (:func:`weak_links`): the selection never asks a pair the closure labels, so a
+wrong "similar" merging two groups is rarely contradicted. Suspect answers are left out of L
+(neither trained on nor implying anything, not even their opposite) and never altered in the
+store. Consistent answers have no contradictions, and with ``cut`` their closure is the same.
 """
 
 from __future__ import annotations
@@ -15,10 +26,23 @@ import numpy as np
 
 from anneal_geo.pairs.candidates import in_sorted, triu_pairs
 
-__all__ = ["DEFAULT_MAX_IMPLIED", "IMPLIES", "Closure", "closure"]
+__all__ = [
+    "DEFAULT_MAX_IMPLIED",
+    "IMPLIES",
+    "REPAIRS",
+    "Closure",
+    "closure",
+    "suspect_answers",
+    "weak_links",
+]
 
 #: What :func:`closure` may imply (its ``implies`` argument, the ``transitivity`` setting).
 IMPLIES: tuple[str, ...] = ("full", "similar", "none")
+
+#: How :func:`closure` treats answers that may be wrong (its ``repair`` argument, the
+#: ``repair`` setting): ``none`` drops what a contradicted component implies, ``cut`` repairs
+#: contradictions, ``split`` also cuts weak links between groups.
+REPAIRS: tuple[str, ...] = ("none", "cut", "split")
 
 #: Most implied pairs :func:`closure` returns; beyond it a seeded random subset is kept.
 DEFAULT_MAX_IMPLIED = 2_000_000
@@ -32,9 +56,12 @@ class Closure:
         pairs: (K, 2) int64, unique, ``i < j``, sorted by (i, j).
         labels: (K,) int8, 1 similar, 0 dissimilar.
         implied: (K,) bool, True for pairs derived by transitivity (not asked).
-        contradictions: queried dissimilar pairs (i, j) that lie inside a similar component.
+        contradictions: queried dissimilar pairs (i, j) that lie inside a similar component
+            of all the answers (before any repair).
         truncated: True when more than ``max_implied`` pairs were implied and only a seeded
             random subset of them is listed.
+        suspects: answered pairs (i, j) left out of L: those ``repair`` took for wrong and
+            those given as ``exclude`` (sorted).
     """
 
     pairs: np.ndarray
@@ -42,6 +69,7 @@ class Closure:
     implied: np.ndarray
     contradictions: list[tuple[int, int]] = field(default_factory=list)
     truncated: bool = False
+    suspects: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n_implied(self) -> int:
@@ -122,6 +150,9 @@ def closure(
     max_implied: int = DEFAULT_MAX_IMPLIED,
     seed: int | np.random.Generator = 0,
     implies: str = "full",
+    repair: str = "none",
+    features: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> Closure:
     """Expand answers by transitivity; never raises on contradictory answers.
 
@@ -136,6 +167,13 @@ def closure(
         seed: seed or generator of that subset.
         implies: ``full`` (similar components and dissimilar cross blocks), ``similar``
             (the components' similar pairs only) or ``none`` (the answers alone).
+        repair: ``none`` (a contradicted component implies nothing), ``cut`` (the
+            answers :func:`suspect_answers` names are left out, the rest is consistent) or
+            ``split`` (``cut``, then the :func:`weak_links` too; needs ``features``).
+        features: (n, F) patch features (frozen trunk features are best): distances that
+            break ties of ``cut`` (None: the latest answer) and judge groups for ``split``.
+        exclude: (E, 2) answered pairs to leave out as suspects besides (either order;
+            pairs without an answer are ignored).
 
     Returns:
         The :class:`Closure`: queried pairs with their answers, plus implied pairs.
@@ -147,6 +185,8 @@ def closure(
         raise ValueError(f"max_implied = {max_implied} must be >= 0")
     if implies not in IMPLIES:
         raise ValueError(f"implies = {implies!r}; use one of {', '.join(IMPLIES)}")
+    if repair not in REPAIRS:
+        raise ValueError(f"repair = {repair!r}; use one of {', '.join(REPAIRS)}")
     prs, lab, n = _prepare(pairs, labels, n)
     base = np.int64(max(n, 1))
     empty_pairs = np.empty((0, 2), dtype=np.int64)
@@ -157,6 +197,28 @@ def closure(
             _frozen(np.empty(0, dtype=bool)),
         )
 
+    contradictions = _contradictions(prs, lab)
+    left_out = np.zeros(lab.size, dtype=bool)
+    if exclude is not None and np.size(exclude):
+        ex = np.sort(np.asarray(exclude, dtype=np.int64).reshape(-1, 2), axis=1)
+        left_out |= in_sorted(prs[:, 0] * base + prs[:, 1], np.sort(ex[:, 0] * base + ex[:, 1]))
+    if repair in ("cut", "split") and contradictions:
+        left_out |= suspect_answers(prs, lab, features, left_out)
+    if repair == "split" and features is not None:
+        left_out |= weak_links(prs, lab, features, left_out)
+    suspects = [(int(a), int(b)) for a, b in prs[left_out].tolist()]
+    # A suspect pair is not implied either (not even the opposite of its answer).
+    answered_keys = np.sort(prs[:, 0] * base + prs[:, 1])
+    prs, lab = prs[~left_out], lab[~left_out]
+    if prs.shape[0] == 0:
+        return Closure(
+            _frozen(empty_pairs),
+            _frozen(np.empty(0, dtype=np.int8)),
+            _frozen(np.empty(0, dtype=bool)),
+            contradictions=contradictions,
+            suspects=suspects,
+        )
+
     nodes, inverse = np.unique(prs, return_inverse=True)
     local = inverse.reshape(-1, 2)
     comp = _components(local, lab == 1, nodes.size)
@@ -164,7 +226,6 @@ def closure(
     ci, cj = comp[local[:, 0]], comp[local[:, 1]]
 
     contra = (lab == 0) & (ci == cj)
-    contradictions = [(int(a), int(b)) for a, b in prs[contra].tolist()]
     bad = np.zeros(n_comp, dtype=bool)
     bad[ci[contra]] = True
 
@@ -194,7 +255,7 @@ def closure(
     n_implied = total - n_queried_in_blocks
     truncated = n_implied > max_implied
 
-    queried_keys = np.sort(prs[:, 0] * base + prs[:, 1])
+    queried_keys = answered_keys
     if not truncated:
         parts_i: list[np.ndarray] = []
         parts_j: list[np.ndarray] = []
@@ -239,7 +300,191 @@ def closure(
         implied=_frozen(all_implied[order]),
         contradictions=contradictions,
         truncated=bool(truncated),
+        suspects=suspects,
     )
+
+
+def _contradictions(prs: np.ndarray, lab: np.ndarray) -> list[tuple[int, int]]:
+    """Dissimilar answers (i, j) inside a component of the similar answers."""
+    nodes, inverse = np.unique(prs, return_inverse=True)
+    local = inverse.reshape(-1, 2)
+    comp = _components(local, lab == 1, nodes.size)
+    contra = (lab == 0) & (comp[local[:, 0]] == comp[local[:, 1]])
+    return [(int(a), int(b)) for a, b in prs[contra].tolist()]
+
+
+def suspect_answers(
+    pairs: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray | None = None,
+    left_out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The answers to suspect so that the rest has no contradiction.
+
+    Greedy, one contradiction at a time: for a dissimilar answer (a, b) inside a component,
+    every similar answer on a chain of similar answers from a to b is a candidate. Among
+    those whose removal alone separates a from b, the one that separates the most
+    dissimilar answers of the component is suspected (a wrong "similar" merging two groups
+    is contradicted by every dissimilar answer across it); ties go to the pair farthest
+    apart in ``features``, then to the latest answer. When no single similar answer
+    separates a from b (two independent chains say "similar"), the dissimilar answer is
+    suspected instead. Repeats until no contradiction is left.
+
+    Args:
+        pairs: (M, 2) int64 answered pairs, ``i < j``, unique (as :func:`closure` has them).
+        labels: (M,) 1 similar, 0 dissimilar.
+        features: (n, F) features of the patches (None: no distance tie-break).
+        left_out: (M,) bool, answers already left out (not considered).
+
+    Returns:
+        (M,) bool, True for the suspected answers (not including ``left_out``).
+    """
+    prs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    lab = np.asarray(labels).reshape(-1)
+    gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
+    suspect = np.zeros(lab.size, dtype=bool)
+    if features is not None:
+        f = np.asarray(features, dtype=np.float64)
+        dist = np.linalg.norm(f[prs[:, 0]] - f[prs[:, 1]], axis=1)
+    else:
+        dist = np.zeros(lab.size)
+    while True:
+        live = np.flatnonzero(~gone & ~suspect)
+        p, y = prs[live], lab[live]
+        nodes, inverse = np.unique(p, return_inverse=True)
+        local = inverse.reshape(-1, 2)
+        comp = _components(local, y == 1, nodes.size)
+        ci = comp[local[:, 0]]
+        contra = np.flatnonzero((y == 0) & (ci == comp[local[:, 1]]))
+        if contra.size == 0:
+            return suspect
+        # The component of the first contradiction: its similar edges and dissimilar answers.
+        c = ci[contra[0]]
+        inside = ci == c
+        sim_rows = np.flatnonzero(inside & (y == 1))
+        dis_rows = np.flatnonzero(inside & (y == 0))
+        a, b = local[contra[0]].tolist()
+        bridge = _bridge_to_cut(local, sim_rows, dis_rows, a, b, dist[live])
+        rows = (
+            [bridge]
+            if bridge is not None
+            else _min_cut(local, sim_rows, dis_rows, a, b, dist[live])
+        )
+        suspect[live[contra[0]] if rows is None else live[rows]] = True
+
+
+def _bridge_to_cut(
+    local: np.ndarray,
+    sim_rows: np.ndarray,
+    dis_rows: np.ndarray,
+    a: int,
+    b: int,
+    dist: np.ndarray,
+) -> int | None:
+    """The single similar row (of ``sim_rows``) whose removal separates a from b and the
+    most dissimilar answers of the component (ties: the farthest patches, then the latest
+    answer), or None when no single similar answer separates a from b."""
+    adjacency: dict[int, list[tuple[int, int]]] = {}
+    for r in sim_rows.tolist():
+        u, v = local[r].tolist()
+        adjacency.setdefault(u, []).append((v, r))
+        adjacency.setdefault(v, []).append((u, r))
+
+    def reach(start: int, without: int) -> set[int]:
+        seen, stack = {start}, [start]
+        while stack:
+            x = stack.pop()
+            for y, r in adjacency.get(x, ()):
+                if r != without and y not in seen:
+                    seen.add(y)
+                    stack.append(y)
+        return seen
+
+    # One chain from a to b (breadth first); only its links can separate them.
+    back: dict[int, tuple[int, int]] = {a: (a, -1)}
+    frontier = [a]
+    while frontier and b not in back:
+        nxt = []
+        for x in frontier:
+            for y, r in adjacency.get(x, ()):
+                if y not in back:
+                    back[y] = (x, r)
+                    nxt.append(y)
+        frontier = nxt
+    chain = []
+    x = b
+    while x != a:
+        x, r = back[x]
+        chain.append(r)
+    best: tuple[int, float, int] | None = None
+    best_row: int | None = None
+    dis = local[dis_rows]
+    for r in chain:
+        side = reach(a, r)
+        if b in side:
+            continue  # another chain still joins a and b
+        separated = sum((u in side) != (v in side) for u, v in dis.tolist())
+        key = (separated, float(dist[r]), r)
+        if best is None or key > best:
+            best, best_row = key, r
+    return best_row
+
+
+def _min_cut(
+    local: np.ndarray,
+    sim_rows: np.ndarray,
+    dis_rows: np.ndarray,
+    a: int,
+    b: int,
+    dist: np.ndarray,
+) -> list[int] | None:
+    """The similar rows (of ``sim_rows``) to suspect for the contradiction (a, b): the
+    fewest similar answers whose removal separates a from b (ties: the links of the
+    farthest patches), when they are no more than the dissimilar answers they separate;
+    None (suspect the dissimilar answer) otherwise (see :func:`suspect_answers`)."""
+    from collections import deque
+
+    # Capacities: every link costs ``big``, plus up to ``big / (E + 1)`` for the nearer
+    # patches, so a cut of fewer links always costs less and ties cut the farthest links.
+    n_edges = len(sim_rows)
+    step = 1000
+    big = (n_edges + 1) * step
+    rank = np.argsort(np.argsort(-dist[sim_rows], kind="stable"), kind="stable")
+    residual: dict[int, dict[int, int]] = {}
+    for r, k in zip(sim_rows.tolist(), rank.tolist(), strict=True):
+        u, v = local[r].tolist()
+        cap = big + (k * (step - 1)) // max(n_edges, 1)
+        residual.setdefault(u, {})[v] = residual.get(u, {}).get(v, 0) + cap
+        residual.setdefault(v, {})[u] = residual.get(v, {}).get(u, 0) + cap
+
+    def reach() -> dict[int, int]:
+        parent = {a: a}
+        queue = deque([a])
+        while queue and b not in parent:
+            x = queue.popleft()
+            for y, c in residual[x].items():
+                if c > 0 and y not in parent:
+                    parent[y] = x
+                    queue.append(y)
+        return parent
+
+    while True:
+        parent = reach()
+        if b not in parent:
+            break
+        path, x = [], b
+        while x != a:
+            path.append((parent[x], x))
+            x = parent[x]
+        push = min(residual[u][v] for u, v in path)
+        for u, v in path:
+            residual[u][v] -= push
+            residual[v][u] += push
+    side = set(parent)
+    cut = [r for r in sim_rows.tolist() if (local[r, 0] in side) != (local[r, 1] in side)]
+    dis = local[dis_rows]
+    separated = sum((u in side) != (v in side) for u, v in dis.tolist())
+    return cut if len(cut) <= separated else None
 
 
 def _sample_blocks(
@@ -287,3 +532,95 @@ def _sample_blocks(
     new = ~in_sorted(out_i * base + out_j, queried_keys)
     out_i, out_j, out_lab = out_i[new], out_j[new], out_lab[new]
     return out_i[:max_implied], out_j[:max_implied], out_lab[:max_implied]
+
+
+def weak_links(
+    pairs: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray,
+    left_out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Similar answers that join two groups which, as groups, look dissimilar.
+
+    In each component of the similar answers, a similar answer whose removal splits the
+    component into two parts of at least two patches each is suspected when the mean
+    distance between the parts (in the L2-normalised ``features``) lies beyond tau, the cut
+    that best separates the similar from the dissimilar answers' own distances (balanced
+    accuracy). Greedy, the farthest first, until no such answer is left. One wrong
+    "similar" merging two classes' groups implies |A| x |B| wrong pairs; a group mean is a
+    far steadier witness than one pair's distance.
+
+    Returns:
+        (M,) bool, True for the suspected answers (not including ``left_out``).
+    """
+    from anneal_geo.estimators.mgue import balanced_threshold
+
+    prs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    lab = np.asarray(labels).reshape(-1)
+    gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
+    suspect = np.zeros(lab.size, dtype=bool)
+    f = np.asarray(features, dtype=np.float64)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    dist = np.linalg.norm(f[prs[:, 0]] - f[prs[:, 1]], axis=1)
+    live = ~gone
+    if not ((lab[live] == 1).any() and (lab[live] == 0).any()):
+        return suspect
+    tau, _ = balanced_threshold(dist[live], lab[live] == 1)
+    sim_rows = np.flatnonzero(live & (lab == 1))
+    # Work component by component; a cut only ever splits a component further.
+    nodes, inverse = np.unique(prs[sim_rows], return_inverse=True)
+    local = inverse.reshape(-1, 2)
+    comp = _components(local, np.ones(len(sim_rows), bool), nodes.size)
+    todo = [
+        np.flatnonzero(comp[local[:, 0]] == c)
+        for c in range(int(comp.max()) + 1 if comp.size else 0)
+    ]
+    while todo:
+        edges = todo.pop()
+        if edges.size < 3:  # both parts need 2 patches: at least 3 links
+            continue
+        members = np.unique(local[edges])
+        index = {int(v): k for k, v in enumerate(members.tolist())}
+        ends = np.array([[index[int(u)], index[int(v)]] for u, v in local[edges].tolist()])
+        fm = f[nodes[members]]
+        within = np.linalg.norm(fm[:, None, :] - fm[None, :, :], axis=2)
+        best, best_k, best_side = tau, -1, np.empty(0, bool)
+        for k in range(edges.size):
+            side = _side(ends, k, members.size)
+            if side is None:
+                continue
+            na = int(side.sum())
+            if na < 2 or members.size - na < 2:
+                continue
+            cross = float(within[np.ix_(side, ~side)].mean())
+            if cross > best:
+                best, best_k, best_side = cross, k, side
+        if best_k < 0:
+            continue
+        suspect[sim_rows[edges[best_k]]] = True
+        rest = np.delete(np.arange(edges.size), best_k)
+        in_a = best_side[ends[rest, 0]]
+        todo.append(edges[rest[in_a]])
+        todo.append(edges[rest[~in_a]])
+    return suspect
+
+
+def _side(ends: np.ndarray, without: int, size: int) -> np.ndarray | None:
+    """The patches still joined to ``ends[without, 0]`` without link ``without``, or None
+    when its other end is among them (the link is not a bridge)."""
+    adjacency: list[list[int]] = [[] for _ in range(size)]
+    for k, (u, v) in enumerate(ends.tolist()):
+        if k != without:
+            adjacency[u].append(v)
+            adjacency[v].append(u)
+    start, other = (int(x) for x in ends[without])
+    seen = np.zeros(size, dtype=bool)
+    seen[start] = True
+    stack = [start]
+    while stack:
+        x = stack.pop()
+        for y in adjacency[x]:
+            if not seen[y]:
+                seen[y] = True
+                stack.append(y)
+    return None if seen[other] else seen

@@ -5,6 +5,9 @@ forms the triplets of the triplet loss from answered pairs.
 - balanced contrastive: the same with similar and dissimilar pairs weighted equally (the
   ``batch_all`` batches of the ``"full"`` mode);
 - triplet: ``max(0, d(a, p) - d(a, n) + m)`` on (anchor, positive, negative) triplets.
+- trimmed contrastive: the contrastive loss without the ``share`` of the similar and of the
+  dissimilar pairs of a batch with the largest loss (small-loss selection: a wrong answer
+  is the one the model disagrees with most, so it is left out rather than memorised).
 
 ``d`` is the Euclidean distance of two embeddings (in [0, 2] for unit vectors). Importing this
 module does not import torch; the functions take and return torch tensors.
@@ -66,6 +69,25 @@ def _contrastive_loss(
 ) -> torch.Tensor:
     d = _distance(a, b)
     return (y * d.pow(2) + (1 - y) * (margin - d).clamp(min=0).pow(2)).mean()
+
+
+def _trimmed_contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, margin: float, share: float
+) -> torch.Tensor:
+    """The contrastive loss over the batch without the ``share`` (rounded down) of its
+    similar pairs and of its dissimilar pairs whose loss is largest."""
+    import torch
+
+    d = _distance(a, b)
+    per_pair = y * d.pow(2) + (1 - y) * (margin - d).clamp(min=0).pow(2)
+    keep = torch.ones_like(per_pair, dtype=torch.bool)
+    for group in (y > 0.5, y <= 0.5):
+        rows = torch.nonzero(group).reshape(-1)
+        k = int(share * rows.numel())
+        if k:
+            worst = torch.topk(per_pair.detach()[rows], k).indices
+            keep[rows[worst]] = False
+    return per_pair[keep].mean()
 
 
 def _balanced_contrastive_loss(

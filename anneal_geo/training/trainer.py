@@ -23,6 +23,7 @@ from anneal_geo.errors import ConfigError, DataError
 from anneal_geo.training.losses import (
     _balanced_contrastive_loss,
     _contrastive_loss,
+    _trimmed_contrastive_loss,
     _triplet_loss,
     _TripletSampler,
 )
@@ -166,6 +167,9 @@ class Trainer:
             implied pairs, as many similar as dissimilar where both are there, so the steps
             of a round, ``epochs * min(pairs, pair_budget) / batch_pairs`` within
             ``min_steps``..``max_steps``, do not grow with the implied pairs.
+        trim: from the second round on, each contrastive batch of pairs (not the triplet
+            or ``batch_all`` batches) leaves out this share of its similar and of its
+            dissimilar pairs with the largest loss (0: none).
 
     Raises:
         ConfigError: a setting is out of range.
@@ -190,6 +194,7 @@ class Trainer:
         device: str = "cpu",
         progress: bool | None = None,
         pair_budget: int | None = None,
+        trim: float = 0.0,
     ) -> None:
         import torch
 
@@ -216,6 +221,9 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         self.pair_budget = int(DEFAULT_PAIR_BUDGET if pair_budget is None else pair_budget)
+        self.trim = float(trim)
+        if not 0.0 <= self.trim < 0.5:
+            raise ConfigError(f"trainer setting trim must lie in [0, 0.5), got {trim}")
         for name, value in (
             ("margin", self.margin),
             ("lr_head", self.lr_head),
@@ -474,7 +482,12 @@ class Trainer:
                 batch = pairs[rows]
                 emb = self._embed_ids(batch.reshape(-1), getter).reshape(len(batch), 2, -1)
                 y = torch.as_tensor(labels[rows], dtype=torch.float32, device=self.device)
-                loss = _contrastive_loss(emb[:, 0], emb[:, 1], y, self.margin)
+                if self.trim > 0 and self.rounds >= 1:
+                    loss = _trimmed_contrastive_loss(
+                        emb[:, 0], emb[:, 1], y, self.margin, self.trim
+                    )
+                else:
+                    loss = _contrastive_loss(emb[:, 0], emb[:, 1], y, self.margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
