@@ -498,6 +498,11 @@ class Engine:
         session.check_store_counts(self.store.count_by_answer())
         self.trainer = self._build_trainer()
         self.embeddings = self._initial_embeddings()
+        # The untrained embedding's quality, kept with round 0 as its start: measured now,
+        # at set-up, so that the wait after the first round does not pay for it.
+        self._start_metrics: dict[str, float] = (
+            self.evaluate() if self.rounds_done == 0 and not self.read_only else {}
+        )
         self._round_stats: dict[str, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -859,7 +864,7 @@ class Engine:
         t_start = time.perf_counter()
         cfg = self.config
         labelled = self.labelled()
-        metrics_before = self.evaluate() if round_index == 0 else {}
+        metrics_before = self._start_metrics if round_index == 0 else {}
         t0 = time.perf_counter()
         with _torch_threads(1 if self.config.train_mode == "head" else None):
             train_stats = self.trainer.train_round(
