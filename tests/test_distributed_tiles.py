@@ -143,6 +143,7 @@ def test_cluster_matches_the_single_process_pool_spectral(
     assert on_disk["row_off"].tolist() == theirs["row_off"].tolist()
 
 
+@pytest.mark.slow  # the spectral and CLI cases run by default
 def test_texture_is_fitted_on_all_patches_as_the_trainer_fits_it(
     archive: Path, reference, cluster, tmp_path: Path
 ) -> None:
@@ -203,6 +204,7 @@ def write_model(directory: Path, pool: PatchPool) -> Path:
     return directory
 
 
+@pytest.mark.slow  # the spectral and CLI cases run by default
 def test_a_saved_model_carries_its_statistics_in_one_pass(
     archive: Path, reference, cluster, tmp_path: Path
 ) -> None:
