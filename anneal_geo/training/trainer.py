@@ -609,14 +609,14 @@ class Trainer:
 
         arr = np.asarray(features, dtype=np.float32)
         self.model.eval()
-        out = []
+        # One preallocated array, not a list of blocks concatenated at the end: at a million
+        # patches that would hold the embeddings twice.
+        out = np.empty((len(arr), self.model.embedding_dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(arr), batch_size):
                 chunk = torch.from_numpy(arr[start : start + batch_size]).to(self.device)
-                out.append(self.model.embed_features(chunk).cpu().numpy())
-        if not out:
-            return np.zeros((0, self.model.embedding_dim), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+                out[start : start + len(chunk)] = self.model.embed_features(chunk).cpu().numpy()
+        return out
 
     def _run_batches(
         self,
