@@ -241,3 +241,21 @@ def test_an_unlabelled_session_reports_without_a_learning_curve(unlabelled_sessi
     images = [decoded(src) for src in page.images]
     assert len(images) == 3 + 3  # answers, implied, embedding, and 3 gallery pairs
     assert "the first 3 shown" in text
+
+
+def test_a_repairing_session_says_what_training_left_out(pool_dir, tmp_path) -> None:
+    # A person who errs (the oracle flips 30 % of its answers), with repair = split.
+    config = SessionConfig(
+        data=str(pool_dir), rounds=2, budget=40, initial=40, epochs=5, embedding_dim=16,
+        repair="split", annotator_options={"noise": 0.3},
+    )  # fmt: skip
+    session = Session.create(tmp_path / "noisy", config, {"pool_dir": str(pool_dir)})
+    with Engine(session, PatchPool.open(pool_dir), progress=False) as engine:
+        engine.run()
+    suspects = int(session.history()[-1]["suspect_answers"])
+    assert suspects > 0
+    text = build_report(session.directory, gallery=0)
+    assert f"repair = split: {suspects} answer(s) left out of the last round" in text
+    # Without repair the report says nothing of suspects.
+    plain = build_report(run_session(tmp_path / "plain", pool_dir), gallery=0)
+    assert "left out of the last round" not in plain

@@ -267,12 +267,23 @@ def _implied(session: Session, pool: PatchPool | None, table: Any) -> str:
             + (" (truncated)" if found.truncated else "")
             + f"; {len(found.contradictions)} contradiction(s).</p>"
         )
+        repair = session.config.repair
         if found.contradictions:
             rows = [[i, j] for i, j in found.contradictions[:50]]
+            what = (
+                "the group implies nothing until it is fixed"
+                if repair == "none"
+                else f"with repair = {repair}, training leaves out the answers taken for wrong"
+            )
             parts.append(
                 "<p>Dissimilar answers inside a group answered similar (one of the answers "
-                "is wrong; the group implies nothing until it is fixed):</p>"
-                + _table(["patch i", "patch j"], rows)
+                f"is wrong; {what}):</p>" + _table(["patch i", "patch j"], rows)
+            )
+        if repair != "none" and history:
+            suspects = int(history[-1].get("suspect_answers", 0))
+            parts.append(
+                f"<p>repair = {repair}: {suspects} answer(s) left out of the last round's "
+                "training as suspect (stored as given; the counts above are before repair).</p>"
             )
     return "".join(parts) or _note("No answers yet.")
 
