@@ -1,8 +1,10 @@
-"""Fixtures shared by several test modules: the real EuroSAT-MS sample as a saved pool."""
+"""Fixtures shared by several test modules: the real EuroSAT-MS sample as a saved pool, and
+the Major TOM cell as two masked scenes."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +24,41 @@ def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("shared") / "eurosat_ms_pool"
     PatchPool.load(SAMPLE / "eurosat_ms").save(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def masked_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two scenes of the Major TOM cell: its B04 and B08 with a drawn cloud in the mask, and a
+    two-band GeoTIFF of them with nodata 0 and a nodata wedge (read through rasterio's merge,
+    as TorchGeo does, since its pixels can be masked). Copies: tests only read them."""
+    import rasterio
+
+    cell = SAMPLE / "majortom_s2l2a_tile" / "199U" / "199U_1099R"
+    source = next(cell.iterdir())
+    root = tmp_path_factory.mktemp("masked")
+    product = root / "a" / "product"
+    product.mkdir(parents=True)
+    for band in ("B04", "B08"):
+        shutil.copy2(source / f"{band}.tif", product / f"{band}.tif")
+    with rasterio.open(source / "cloud_mask.tif") as src:
+        profile, mask = src.profile, src.read(1)
+    mask[600:900, 100:700] = 1
+    with rasterio.open(product / "cloud_mask.tif", "w", **profile) as dst:
+        dst.write(mask, 1)
+    stack = []
+    for band in ("B04", "B08"):
+        with rasterio.open(source / f"{band}.tif") as src:
+            stack.append(src.read(1))
+            profile = src.profile
+    data = np.stack(stack)
+    rows, cols = np.indices(data.shape[1:])
+    data[:, rows + cols < 500] = 0
+    profile.update(count=2, nodata=0)
+    (root / "b").mkdir()
+    with rasterio.open(root / "b" / "scene.tif", "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = ("B04", "B08")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -78,37 +78,6 @@ def test_direct_reads_equal_torchgeos_getitem_path(options) -> None:
     assert direct.georefs == torchgeo.georefs and direct.sources == torchgeo.sources
 
 
-@pytest.fixture(scope="module")
-def masked_scenes(tmp_path_factory) -> Path:
-    """Two scenes: the cell's B04 and B08 with a drawn cloud in its mask, and a two-band
-    GeoTIFF of them with nodata 0 and a nodata wedge (read through rasterio's merge, as
-    TorchGeo does, since its pixels can be masked)."""
-    root = tmp_path_factory.mktemp("masked")
-    product = root / "a" / "product"
-    product.mkdir(parents=True)
-    for band in ("B04", "B08"):
-        os.symlink(PRODUCT / f"{band}.tif", product / f"{band}.tif")
-    with rasterio.open(PRODUCT / "cloud_mask.tif") as src:
-        profile, mask = src.profile, src.read(1)
-    mask[600:900, 100:700] = 1
-    with rasterio.open(product / "cloud_mask.tif", "w", **profile) as dst:
-        dst.write(mask, 1)
-    stack = []
-    for band in ("B04", "B08"):
-        with rasterio.open(PRODUCT / f"{band}.tif") as src:
-            stack.append(src.read(1))
-            profile = src.profile
-    data = np.stack(stack)
-    rows, cols = np.indices(data.shape[1:])
-    data[:, rows + cols < 500] = 0
-    profile.update(count=2, nodata=0)
-    (root / "b").mkdir()
-    with rasterio.open(root / "b" / "scene.tif", "w", **profile) as dst:
-        dst.write(data)
-        dst.descriptions = ("B04", "B08")
-    return root
-
-
 def test_nodata_and_cloud_skipping_equal_torchgeos_getitem_path(masked_scenes) -> None:
     for options in ({"stride": None}, {"stride": 48}):
         direct = read_tiles(masked_scenes, 64, max_nodata=0.2, progress=False, **options)

@@ -161,36 +161,6 @@ def test_checksums_are_checked_once_per_scene(stores) -> None:
     assert tiles.check_sources() == []
 
 
-@pytest.fixture(scope="module")
-def masked_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two scenes: the cell's B04 and B08 with a drawn cloud in its mask, and a two-band
-    GeoTIFF of them with nodata 0 and a nodata wedge (read through rasterio's merge)."""
-    root = tmp_path_factory.mktemp("masked")
-    product = root / "a" / "product"
-    product.mkdir(parents=True)
-    for band in ("B04", "B08"):
-        shutil.copy2(PRODUCT / f"{band}.tif", product / f"{band}.tif")
-    with rasterio.open(PRODUCT / "cloud_mask.tif") as src:
-        profile, mask = src.profile, src.read(1)
-    mask[600:900, 100:700] = 1
-    with rasterio.open(product / "cloud_mask.tif", "w", **profile) as dst:
-        dst.write(mask, 1)
-    stack = []
-    for band in ("B04", "B08"):
-        with rasterio.open(PRODUCT / f"{band}.tif") as src:
-            stack.append(src.read(1))
-            profile = src.profile
-    data = np.stack(stack)
-    rows, cols = np.indices(data.shape[1:])
-    data[:, rows + cols < 500] = 0
-    profile.update(count=2, nodata=0)
-    (root / "b").mkdir()
-    with rasterio.open(root / "b" / "scene.tif", "w", **profile) as dst:
-        dst.write(data)
-        dst.descriptions = ("B04", "B08")
-    return root
-
-
 def test_cloud_and_nodata_skipped_as_in_the_array_store(masked_scenes, tmp_path) -> None:
     options: dict[str, Any] = {"bands": ["B08", "B04"], "max_nodata": 0.2, "progress": False}
     reports: list[Any] = []

@@ -624,34 +624,10 @@ class PatchPool:
     # ------------------------------------------------------------------ saving
 
     def _metadata(self) -> dict[str, Any]:
-        if self.store == "tiles":
-            # One row per scene, not one string per patch: patches name their scene in
-            # windows.npz, and sources, checksums, CRSs and dates follow from it.
-            return {
-                "format": FORMAT,
-                "version": VERSION,
-                "store": "tiles",
-                "created": self.created,
-                "n_patches": len(self),
-                "bands": self.bands,
-                "shape": list(self.patches.shape),
-                "patch_size": list(self.patch_size),
-                "stride": self._stride,
-                "dtype": self.patches.dtype.str,
-                "resolution": self.resolution,
-                "class_names": self.class_names,
-                "multilabel": self.multilabel,
-                "band_mean": self.band_mean.tolist(),
-                "band_std": self.band_std.tolist(),
-                "georeferenced": self.footprints is not None,
-                "fingerprint": self.fingerprint,
-                "channels": self._tile_channels(),
-                "scenes": self._scene_table,
-            }
-        return {
-            "store": "array",
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
+            "store": self.store,
             "created": self.created,
             "n_patches": len(self),
             "bands": self.bands,
@@ -663,13 +639,23 @@ class PatchPool:
             "multilabel": self.multilabel,
             "band_mean": self.band_mean.tolist(),
             "band_std": self.band_std.tolist(),
-            "sources": self.sources,
-            "sha256": self.source_sha256,
-            "crs": self.source_crs,
             "georeferenced": self.footprints is not None,
             "fingerprint": self.fingerprint,
-            "acquired": self.acquired,
         }
+        if self.store == "tiles":
+            # One row per scene, not one string per patch: patches name their scene in
+            # windows.npz, and sources, checksums, CRSs and dates follow from it.
+            meta.update(
+                stride=self._stride, channels=self._tile_channels(), scenes=self._scene_table
+            )
+        else:
+            meta.update(
+                sources=self.sources,
+                sha256=self.source_sha256,
+                crs=self.source_crs,
+                acquired=self.acquired,
+            )
+        return meta
 
     def save(self, directory: str | Path) -> Path:
         """Write the pool directory (see the module docstring) and return its path.

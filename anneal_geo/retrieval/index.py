@@ -27,6 +27,17 @@ def _as_matrix(values: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
+def _check_shapes(archive: np.ndarray, queries: np.ndarray) -> None:
+    """A non-empty archive, and queries of its dimension."""
+    if archive.shape[0] == 0:
+        raise DataError("the archive is empty; add at least one embedding to search")
+    if queries.shape[1] != archive.shape[1]:
+        raise DataError(
+            f"query embeddings have {queries.shape[1]} dimensions but the archive has "
+            f"{archive.shape[1]}; embed both with the same backbone"
+        )
+
+
 def exact_search(
     archive_embeddings: np.ndarray, query_embeddings: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,13 +60,7 @@ def exact_search(
     queries = _as_matrix(query_embeddings, "query embeddings")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k={k!r} is not a positive whole number of neighbours")
-    if archive.shape[0] == 0:
-        raise DataError("the archive is empty; add at least one embedding to search")
-    if queries.shape[1] != archive.shape[1]:
-        raise DataError(
-            f"query embeddings have {queries.shape[1]} dimensions but the archive has "
-            f"{archive.shape[1]}; embed both with the same backbone"
-        )
+    _check_shapes(archive, queries)
     k = min(int(k), archive.shape[0])
     if queries.shape[0] == 0:
         return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
@@ -87,13 +92,7 @@ def rank_all(
     """
     archive = _as_matrix(archive_embeddings, "archive embeddings")
     queries = _as_matrix(query_embeddings, "query embeddings")
-    if archive.shape[0] == 0:
-        raise DataError("the archive is empty; add at least one embedding to search")
-    if queries.shape[1] != archive.shape[1]:
-        raise DataError(
-            f"query embeddings have {queries.shape[1]} dimensions but the archive has "
-            f"{archive.shape[1]}; embed both with the same backbone"
-        )
+    _check_shapes(archive, queries)
     squared = queries @ archive.T
     squared *= -2.0
     squared += np.einsum("ij,ij->i", queries, queries)[:, None]
