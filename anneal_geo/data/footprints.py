@@ -7,7 +7,7 @@ zones can be queried together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,17 @@ import numpy as np
 from anneal_geo.data.sources import GeoRef
 from anneal_geo.errors import DataError
 
-__all__ = ["COLUMNS", "LAYER", "build_footprints", "read_footprints", "write_footprints"]
+__all__ = [
+    "COLUMNS",
+    "LAYER",
+    "build_footprints",
+    "footprint_bounds",
+    "footprint_ids_intersecting",
+    "read_footprint_rows",
+    "read_footprints",
+    "write_footprint_chunks",
+    "write_footprints",
+]
 
 #: Footprint columns, in order (``geometry`` is the EPSG:4326 outline).
 COLUMNS = (
@@ -84,7 +94,110 @@ def write_footprints(footprints: Any, path: Path) -> None:
     frame.to_file(path, layer=LAYER, driver="GPKG", engine="pyogrio")
 
 
-def read_footprints(path: Path) -> Any:
+def write_footprint_chunks(
+    chunks: Iterable[Any], path: Path, total: int, progress: bool | None = None
+) -> None:
+    """Write footprint frames one after the other into one GeoPackage layer, as
+    :func:`write_footprints` writes their concatenation (the rows in patch-id order, so a
+    row's feature id is its patch id + 1), holding one chunk at a time."""
+    import pyogrio
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        desc="writing footprints",
+        unit="patch",
+        disable=None if progress is None else not progress,
+    ) as bar:
+        for k, chunk in enumerate(chunks):
+            frame = chunk.copy()
+            frame["label"] = frame["label"].astype(object)
+            pyogrio.write_dataframe(frame, path, layer=LAYER, driver="GPKG", append=k > 0)
+            bar.update(len(frame))
+
+
+def _failed(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"{path} could not be read as a footprints GeoPackage ({str(exc).splitlines()[0]}); "
+        "save the pool again"
+    )
+
+
+def read_footprint_rows(path: Path, ids: Sequence[int] | np.ndarray) -> Any:
+    """The footprints of patches ``ids`` (in that order, repeats kept) read from the
+    GeoPackage by feature id, without reading the other rows: the same rows as
+    ``read_footprints(path).iloc[ids]`` (index reset).
+
+    Raises:
+        DataError: the file is missing, damaged, or lacks one of the patches.
+    """
+    import pyogrio
+
+    wanted = np.asarray(ids, dtype=np.int64).ravel()
+    unique = np.unique(wanted)
+    if unique.size == 0:
+        return read_footprints(path, max_features=0)
+    try:
+        frame = pyogrio.read_dataframe(path, layer=LAYER, fids=unique + 1)
+        by_id = np.array_equal(frame["patch_id"].to_numpy(dtype=np.int64), unique)
+    except Exception:
+        by_id = False  # a feature id past the end, or no patch_id column: see below
+    if not by_id:
+        # Feature ids not in patch order (a file written some other way): by value.
+        listed = ",".join(str(int(i)) for i in unique)
+        try:
+            frame = pyogrio.read_dataframe(path, layer=LAYER, where=f"patch_id IN ({listed})")
+        except Exception as exc:
+            raise _failed(path, exc) from exc
+        if "patch_id" in frame.columns:
+            frame = frame.sort_values("patch_id", kind="stable").reset_index(drop=True)
+    missing_columns = [c for c in COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise DataError(
+            f"{path} lacks footprint column(s) {', '.join(missing_columns)}; save the pool again"
+        )
+    found = frame["patch_id"].to_numpy(dtype=np.int64)
+    if not np.array_equal(found, unique):
+        missing = np.setdiff1d(unique, found)
+        raise DataError(
+            f"{path} lacks the footprints of patch(es) {missing[:5].tolist()}; save the pool "
+            "again"
+        )
+    order = np.searchsorted(unique, wanted)
+    return frame.iloc[order].reset_index(drop=True)[list(COLUMNS)]
+
+
+def footprint_ids_intersecting(path: Path, geometry: Any) -> np.ndarray:
+    """Sorted patch ids whose EPSG:4326 footprint intersects ``geometry``, read through the
+    GeoPackage's spatial index (only the candidate rows are read)."""
+    import pyogrio
+    import shapely
+
+    try:
+        frame = pyogrio.read_dataframe(
+            path, layer=LAYER, columns=["patch_id"], bbox=tuple(shapely.bounds(geometry))
+        )
+    except Exception as exc:
+        raise _failed(path, exc) from exc
+    if len(frame) == 0:
+        return np.zeros(0, dtype=np.int64)
+    hit = shapely.intersects(frame.geometry.to_numpy(), geometry)
+    return np.sort(frame["patch_id"].to_numpy(dtype=np.int64)[hit])
+
+
+def footprint_bounds(path: Path) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of all footprints, from the GeoPackage's own extent."""
+    import pyogrio
+
+    try:
+        info = pyogrio.read_info(path, layer=LAYER, force_total_bounds=True)
+    except Exception as exc:
+        raise _failed(path, exc) from exc
+    west, south, east, north = (float(v) for v in info["total_bounds"])
+    return west, south, east, north
+
+
+def read_footprints(path: Path, max_features: int | None = None) -> Any:
     """Read footprints written by :func:`write_footprints`.
 
     Raises:
@@ -93,12 +206,9 @@ def read_footprints(path: Path) -> Any:
     import geopandas as gpd
 
     try:
-        frame = gpd.read_file(path, layer=LAYER, engine="pyogrio")
+        frame = gpd.read_file(path, layer=LAYER, engine="pyogrio", max_features=max_features)
     except Exception as exc:
-        raise DataError(
-            f"{path} could not be read as a footprints GeoPackage ({str(exc).splitlines()[0]}); "
-            "save the pool again"
-        ) from exc
+        raise _failed(path, exc) from exc
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(

@@ -78,6 +78,10 @@ _BLOCK_BYTES = 64 << 20
 
 FootprintSource = Callable[[], Any]
 
+#: Pools with more patches than this answer footprint lookups (rows by id, patches in an
+#: area) from footprints.gpkg without reading all of it: a million footprints take GBs.
+FOOTPRINTS_IN_MEMORY = 200_000
+
 
 def _block_rows(patches: Patches) -> int:
     row_bytes = max(1, int(np.prod(patches.shape[1:])) * 8)
@@ -349,6 +353,12 @@ class PatchPool:
         self.path: Path | None = None if path is None else Path(path)
         self._footprints: Any = None
         self._footprint_source: FootprintSource | None = None
+        # The saved footprints.gpkg (lookups read from it in big pools), whether the pool is
+        # known to be georeferenced without building its footprints, and footprint chunks
+        # still to write (a tiles-store build).
+        self._footprints_file: Path | None = None
+        self._georeferenced: bool | None = None
+        self._footprint_chunks: Callable[[], Any] | None = None
         if callable(footprints):
             self._footprint_source = footprints
         else:
@@ -564,9 +574,11 @@ class PatchPool:
             band_std=band_std,
             source_crs=list(read.crs),
             source_sha256=read.checksums,
-            footprints=read.footprints,
             resolution=read.resolution,
         )
+        # Tiles always carry a CRS; the footprints are written chunk by chunk.
+        pool._georeferenced = True
+        pool._footprint_chunks = read.footprint_chunks
         pool._scene_table = scene_table(layout, directory)
         pool._stride = layout.stride
         target = directory / WINDOWS_FILE
@@ -639,7 +651,7 @@ class PatchPool:
             "multilabel": self.multilabel,
             "band_mean": self.band_mean.tolist(),
             "band_std": self.band_std.tolist(),
-            "georeferenced": self.footprints is not None,
+            "georeferenced": self.georeferenced,
             "fingerprint": self.fingerprint,
         }
         if self.store == "tiles":
@@ -710,13 +722,21 @@ class PatchPool:
             target.unlink(missing_ok=True)
 
         target = directory / FOOTPRINTS_FILE
-        footprints = self.footprints
-        if footprints is not None:
+        tmp = directory / ("partial-" + FOOTPRINTS_FILE)
+        if self._footprint_chunks is not None:
+            from anneal_geo.data.footprints import read_footprints, write_footprint_chunks
+
+            tmp.unlink(missing_ok=True)
+            write_footprint_chunks(self._footprint_chunks(), tmp, len(self))
+            os.replace(tmp, target)
+            self._footprint_chunks = None
+            self._footprint_source = partial(read_footprints, target)
+            self._footprints_file = target
+        elif self.georeferenced:
             from anneal_geo.data.footprints import write_footprints
 
-            tmp = directory / ("partial-" + FOOTPRINTS_FILE)
             tmp.unlink(missing_ok=True)
-            write_footprints(footprints, tmp)
+            write_footprints(self.footprints, tmp)
             os.replace(tmp, target)
         else:
             target.unlink(missing_ok=True)
@@ -782,7 +802,7 @@ class PatchPool:
             footprints = partial(read_footprints, directory / FOOTPRINTS_FILE)
 
         try:
-            return cls(
+            pool = cls(
                 patches,
                 meta["bands"],
                 class_names=meta.get("class_names"),
@@ -801,6 +821,14 @@ class PatchPool:
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{meta_path} lacks {exc}; rebuild the pool") from exc
+        pool._opened_footprints(directory, meta)
+        return pool
+
+    def _opened_footprints(self, directory: Path, meta: dict[str, Any]) -> None:
+        """Record what a pool opened from ``directory`` knows of its footprints file."""
+        self._georeferenced = bool(meta.get("georeferenced"))
+        if self._georeferenced:
+            self._footprints_file = directory / FOOTPRINTS_FILE
 
     @classmethod
     def _open_tiles(cls, directory: Path, meta: dict[str, Any], meta_path: Path) -> PatchPool:
@@ -836,6 +864,7 @@ class PatchPool:
             raise DataError(f"{meta_path} is damaged ({exc}); rebuild the pool") from exc
         pool._scene_table = meta["scenes"]
         pool._stride = int(meta["stride"])
+        pool._opened_footprints(directory, meta)
         # Recorded at build time from the same bands, shape, dtype and sources.
         if isinstance(meta.get("fingerprint"), str):
             pool._fingerprint = meta["fingerprint"]
@@ -884,6 +913,60 @@ class PatchPool:
             self._footprints = self._footprint_source()
             self._footprint_source = None
         return self._footprints
+
+    @property
+    def georeferenced(self) -> bool:
+        """Whether the pool has footprints (known without reading them when opened from
+        disk or built from tiles)."""
+        if self._georeferenced is None:
+            self._georeferenced = self.footprints is not None
+        return self._georeferenced
+
+    def _lookup_file(self) -> Path | None:
+        """footprints.gpkg when lookups should read it rather than all footprints: a big
+        saved pool whose footprints are not in memory already."""
+        if self._footprints is not None or len(self) <= FOOTPRINTS_IN_MEMORY:
+            return None
+        file = self._footprints_file
+        return file if file is not None and file.is_file() else None
+
+    def footprint_rows(self, ids: Sequence[int] | np.ndarray) -> Any:
+        """The footprints of patches ``ids``, in that order (index reset), or None without
+        georeference; a big saved pool reads just those rows from footprints.gpkg."""
+        if not self.georeferenced:
+            return None
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        file = self._lookup_file()
+        if file is not None:
+            from anneal_geo.data.footprints import read_footprint_rows
+
+            return read_footprint_rows(file, ids)
+        return self.footprints.iloc[ids].reset_index(drop=True)
+
+    def patches_intersecting(self, geometry: Any) -> np.ndarray:
+        """Sorted ids of the patches whose EPSG:4326 footprint intersects ``geometry``
+        (empty without georeference); a big saved pool asks footprints.gpkg's spatial
+        index instead of reading every footprint."""
+        if not self.georeferenced:
+            return np.zeros(0, dtype=np.int64)
+        file = self._lookup_file()
+        if file is not None:
+            from anneal_geo.data.footprints import footprint_ids_intersecting
+
+            return footprint_ids_intersecting(file, geometry)
+        footprints = self.footprints
+        hits = footprints.sindex.query(geometry, predicate="intersects")
+        return np.sort(footprints["patch_id"].to_numpy(dtype=np.int64)[hits])
+
+    def footprint_bounds(self) -> tuple[float, float, float, float]:
+        """(west, south, east, north) in degrees of all footprints (georeferenced pools)."""
+        file = self._lookup_file()
+        if file is not None:
+            from anneal_geo.data.footprints import footprint_bounds
+
+            return footprint_bounds(file)
+        west, south, east, north = (float(v) for v in self.footprints.total_bounds)
+        return west, south, east, north
 
     @property
     def fingerprint(self) -> str:
@@ -998,6 +1081,7 @@ class PatchPool:
         )
         # Same patches, same footprints: share them lazily instead of rebuilding.
         pool._footprint_source = lambda: self.footprints
+        pool._footprints_file, pool._georeferenced = self._footprints_file, self._georeferenced
         pool._scene_table, pool._stride = self._scene_table, self._stride
         return pool
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -63,7 +63,9 @@ from anneal_geo.errors import ConfigError, DataError
 __all__ = [
     "DEFAULT_MAX_NODATA",
     "DEFAULT_PATCH_SIZE",
+    "FOOTPRINT_CHUNK_ROWS",
     "TILE_SUFFIXES",
+    "GeoRefs",
     "IngestReport",
     "ReportCallback",
     "Scene",
@@ -693,7 +695,7 @@ class TileRead:
     sources: list[str]
     crs: list[str]
     checksums: list[str]
-    georefs: list[GeoRef]
+    georefs: Sequence[GeoRef]
     windows: np.ndarray
     resolution: float
     report: IngestReport
@@ -710,6 +712,75 @@ class TileRead:
             frame, self._frame = self._frame, None  # built while the pixels were read
             return frame
         return _footprint_frame(self.georefs, self.sources, self.windows)
+
+    def footprint_chunks(self, rows: int | None = None) -> Iterator[Any]:
+        """The same frame as :meth:`footprints`, ``rows`` patches at a time (patch ids
+        counted from the first patch of the read), so a million footprints are never held
+        at once: each chunk equals the matching rows of the whole frame (default
+        :data:`FOOTPRINT_CHUNK_ROWS` rows)."""
+        rows = FOOTPRINT_CHUNK_ROWS if rows is None else int(rows)
+        for start in range(0, len(self.georefs), rows):
+            part = slice(start, start + rows)
+            yield _footprint_frame(
+                self.georefs[part], self.sources[part], self.windows[part], first=start
+            )
+
+
+class GeoRefs(Sequence[GeoRef]):
+    """Many patches' :class:`GeoRef` kept as arrays (a million ``GeoRef`` objects take
+    about 400 MB; these 56 bytes a patch): indexing by position gives a ``GeoRef``, by a
+    slice or an array of positions another ``GeoRefs``.
+
+    Attributes:
+        crs: per patch, its CRS string (shared objects, one per scene).
+        transforms: (N, 6) float64 GDAL affine transforms.
+        height, width: the patch grid's rows and columns (the same for all).
+    """
+
+    def __init__(self, crs: Sequence[str], transforms: np.ndarray, height: int, width: int):
+        self.crs = list(crs)
+        self.transforms = np.asarray(transforms, dtype=np.float64)
+        self.height, self.width = int(height), int(width)
+        if self.transforms.shape != (len(self.crs), 6):
+            raise ValueError(f"{self.transforms.shape} transforms for {len(self.crs)} patches")
+
+    def __len__(self) -> int:
+        return len(self.crs)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GeoRefs):
+            return (
+                self.crs == other.crs
+                and (self.height, self.width) == (other.height, other.width)
+                and np.array_equal(self.transforms, other.transforms)
+            )
+        if isinstance(other, Sequence):
+            if len(self) != len(other):
+                return False
+            return all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @overload
+    def __getitem__(self, index: int) -> GeoRef: ...
+
+    @overload
+    def __getitem__(self, index: slice | np.ndarray) -> GeoRefs: ...
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> GeoRef | GeoRefs:
+        if isinstance(index, slice):
+            return GeoRefs(self.crs[index], self.transforms[index], self.height, self.width)
+        if isinstance(index, np.ndarray):
+            positions = index.tolist()
+            crs = [self.crs[i] for i in positions]
+            return GeoRefs(crs, self.transforms[index], self.height, self.width)
+        a, b, c, d, e, f = (float(v) for v in self.transforms[index])
+        return GeoRef(self.crs[index], (a, b, c, d, e, f), self.height, self.width)
+
+
+#: Footprints a tiles-store pool build holds and writes at a time (about 5 kB a patch).
+FOOTPRINT_CHUNK_ROWS = 65536
 
 
 @dataclass
@@ -738,9 +809,12 @@ class TileLayout:
     warped: list[str]
 
 
-def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows: np.ndarray) -> Any:
+def _footprint_frame(
+    georefs: Sequence[GeoRef], sources: Sequence[str], windows: np.ndarray, first: int = 0
+) -> Any:
     """:func:`~anneal_geo.data.footprints.build_footprints` plus the pixel windows, with the
-    corners of all patches computed at once rather than patch by patch."""
+    corners of all patches computed at once rather than patch by patch (patch ids from
+    ``first``)."""
     import geopandas as gpd
     import shapely
 
@@ -749,9 +823,16 @@ def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows:
     n = len(georefs)
     if n == 0:
         return None
-    transforms = np.array([g.transform for g in georefs], dtype=np.float64)
-    heights = np.array([g.height for g in georefs], dtype=np.int64)
-    widths = np.array([g.width for g in georefs], dtype=np.int64)
+    if isinstance(georefs, GeoRefs):
+        transforms = georefs.transforms
+        heights = np.full(n, georefs.height, dtype=np.int64)
+        widths = np.full(n, georefs.width, dtype=np.int64)
+        crs_list: list[str] = georefs.crs
+    else:
+        transforms = np.array([g.transform for g in georefs], dtype=np.float64)
+        heights = np.array([g.height for g in georefs], dtype=np.int64)
+        widths = np.array([g.width for g in georefs], dtype=np.int64)
+        crs_list = [g.crs for g in georefs]
     a, b, c, d, e, f = (transforms[:, k, None] for k in range(6))
     w, h = widths[:, None].astype(np.float64), heights[:, None].astype(np.float64)
     zero = np.zeros_like(w)
@@ -759,7 +840,7 @@ def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows:
     rows = np.concatenate([zero, zero, h, h, zero], axis=1)
     rings = np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=2)
     native = shapely.polygons(rings)
-    crs = np.array([g.crs for g in georefs], dtype=object)
+    crs = np.array(crs_list, dtype=object)
     edge = np.maximum(
         widths * np.hypot(transforms[:, 0], transforms[:, 3]),
         heights * np.hypot(transforms[:, 1], transforms[:, 4]),
@@ -771,7 +852,7 @@ def _footprint_frame(georefs: Sequence[GeoRef], sources: Sequence[str], windows:
         series = gpd.GeoSeries(dense[mask], crs=code).to_crs("EPSG:4326")
         geographic[mask] = series.to_numpy()
     frame = {
-        "patch_id": np.arange(n, dtype=np.int64),
+        "patch_id": np.arange(first, first + n, dtype=np.int64),
         "source": list(sources),
         "crs": list(crs),
         "row_off": np.asarray(windows[:, 0], dtype=np.int64),
@@ -1579,10 +1660,12 @@ def _read_archive(
     crs_all = [plans[i].probe.crs for i in scene_all.tolist()]
     scene_sources = [str(p.source) for p in plans]  # one string per scene, shared
     sources_all = [scene_sources[i] for i in scene_all.tolist()]
-    georefs_all = [
-        GeoRef(code, (float(rx), 0.0, float(x0), 0.0, -float(ry), float(y1)), size, size)
-        for code, (rx, ry), (x0, y1) in zip(crs_all, res_xy.tolist(), origins.tolist(), strict=True)
-    ]
+    zero = np.zeros(total)
+    transforms = np.stack(
+        [res_xy[:, 0], zero, origins[:, 0], zero, -res_xy[:, 1], origins[:, 1]], axis=1
+    )
+    del zero, res_xy, tops, lefts
+    georefs_all = GeoRefs(crs_all, transforms, size, size)
 
     def frame_of_all() -> Any:
         # Built beside the pixel reads; on any failure, footprints() builds it again later.
@@ -1609,7 +1692,12 @@ def _read_archive(
                     options,
                     bar,
                     handles,
-                    extra=[frame_of_all, *(functools.partial(checksum, p) for p in plans)],
+                    # A pool that reads from the tiles writes its footprints in chunks
+                    # later (footprint_chunks): a million of them at once take gigabytes.
+                    extra=[
+                        *([frame_of_all] if keep_pixels else []),
+                        *(functools.partial(checksum, p) for p in plans),
+                    ],
                 )
             else:
                 for plan in plans:
@@ -1642,12 +1730,12 @@ def _read_archive(
             "nodata or cloud; raise --max-nodata or pass --cloud-mask none"
         )
     every = kept.size == total
-    georefs = georefs_all if every else [georefs_all[i] for i in kept.tolist()]
+    georefs = georefs_all if every else georefs_all[kept]
     crs = crs_all if every else [crs_all[i] for i in kept.tolist()]
     sources = sources_all if every else [sources_all[i] for i in kept.tolist()]
     scene_of = scene_all[kept].tolist()
     windows = windows_all[kept]
-    frame = prebuilt[0] if prebuilt else None
+    frame = prebuilt[0] if prebuilt and keep_pixels else None
     if frame is not None and not every:
         frame = frame.iloc[kept].reset_index(drop=True)
         frame["patch_id"] = np.arange(len(frame), dtype=np.int64)

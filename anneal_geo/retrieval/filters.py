@@ -189,15 +189,13 @@ class SearchFilter:
         keep = np.ones(len(pool), dtype=bool)
         reasons = []
         if self.within is not None:
-            footprints = pool.footprints
-            if footprints is None:
+            if not pool.georeferenced:
                 raise DataError(
                     "the pool has no footprints (no CRS in its sources), so results cannot "
                     "be restricted to an area; drop --within"
                 )
-            hits = footprints.sindex.query(self.within, predicate="intersects")
             inside = np.zeros(len(pool), dtype=bool)
-            inside[footprints["patch_id"].to_numpy(dtype=np.int64)[hits]] = True
+            inside[pool.patches_intersecting(self.within)] = True
             keep &= inside
             reasons.append(f"intersects {self.within_text or 'the area'}")
         if self.after is not None or self.before is not None:

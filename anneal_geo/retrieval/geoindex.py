@@ -488,7 +488,8 @@ class GeoIndex:
         """The results GeoDataFrame (see :data:`RESULT_COLUMNS`)."""
         import geopandas as gpd
 
-        footprints = self.pool.footprints
+        # Only the rows wanted (a big pool reads them alone from its footprints file).
+        footprints = self.pool.footprint_rows(ids)
         n = len(ids)
         frame: dict[str, Any] = {
             "rank": np.arange(1, n + 1, dtype=np.int64),
@@ -498,7 +499,7 @@ class GeoIndex:
         }
         h, w = self.pool.patch_size
         if footprints is not None:
-            rows = footprints.iloc[ids]
+            rows = footprints
             for column in ("row_off", "col_off", "height", "width"):
                 frame[column] = rows[column].to_numpy(dtype=np.int64)
             frame["label"] = [self.pool.label_text(i) for i in ids.tolist()]
@@ -519,7 +520,8 @@ class GeoIndex:
             import shapely
 
             # The query's own outline travels with the results (the GeoPackage's query layer).
-            outline = shapely.union_all(footprints.geometry.iloc[query["patch_ids"]].to_numpy())
+            own = self.pool.footprint_rows(query["patch_ids"])
+            outline = shapely.union_all(own.geometry.to_numpy())
             query = {**query, "area_wkt": shapely.to_wkt(outline, rounding_precision=-1)}
         result = gpd.GeoDataFrame(frame, geometry=geometry, crs="EPSG:4326")
         result.attrs["query"] = query
@@ -534,14 +536,12 @@ class GeoIndex:
             return None, {}
         return filters.allowed(pool), {"filters": filters.describe()}
 
-    def _footprints_or_fail(self, what: str) -> Any:
-        footprints = self.pool.footprints
-        if footprints is None:
+    def _georeferenced_or_fail(self, what: str) -> None:
+        if not self.pool.georeferenced:
             raise DataError(
                 f"the pool has no georeference (no CRS in its sources), so it cannot be "
                 f"queried by {what}; query by --patch or --image"
             )
-        return footprints
 
     def query_patch(
         self,
@@ -573,19 +573,19 @@ class GeoIndex:
             raise DataError(
                 f"point ({lon}, {lat}) is not a longitude, latitude in degrees; give LON,LAT"
             )
-        footprints = self._footprints_or_fail("point")
+        self._georeferenced_or_fail("point")
         point = shapely.Point(lon, lat)
-        hits = footprints.sindex.query(point, predicate="intersects")
+        hits = self.pool.patches_intersecting(point)
         if hits.size == 0:
-            w, s, e, n = footprints.total_bounds
+            w, s, e, n = self.pool.footprint_bounds()
             raise DataError(
                 f"point ({lon}, {lat}) lies outside every patch footprint of the pool (its "
                 f"patches span lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}); pick a point "
                 "inside"
             )
-        centres = shapely.centroid(footprints.geometry.to_numpy()[hits])
+        centres = shapely.centroid(self.pool.footprint_rows(hits).geometry.to_numpy())
         nearest = int(np.argmin(shapely.distance(centres, point)))
-        return int(footprints["patch_id"].to_numpy()[hits[nearest]])
+        return int(hits[nearest])
 
     def query_point(
         self,
@@ -624,15 +624,14 @@ class GeoIndex:
                 f"box ({west}, {south}, {east}, {north}) is empty; give W,S,E,N with W < E "
                 "and S < N in degrees"
             )
-        footprints = self._footprints_or_fail("box")
-        hits = footprints.sindex.query(shapely.box(west, south, east, north), "intersects")
-        if hits.size == 0:
-            w, s, e, n = footprints.total_bounds
+        self._georeferenced_or_fail("box")
+        ids = self.pool.patches_intersecting(shapely.box(west, south, east, north))
+        if ids.size == 0:
+            w, s, e, n = self.pool.footprint_bounds()
             raise DataError(
                 f"box ({west}, {south}, {east}, {north}) overlaps no patch footprint (the "
                 f"patches span lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}); move the box"
             )
-        ids = np.sort(footprints["patch_id"].to_numpy()[hits].astype(np.int64))
         centre = self.vectors(ids).mean(axis=0)
         allowed, described = self._filtered(self.pool, filters)
         distances, found = self.search(centre, k, None if include_query else ids, allowed)
