@@ -30,6 +30,7 @@ __all__ = [
     "EXACT_KNN_MAX_PATCHES",
     "EXHAUSTIVE_MAX_PATCHES",
     "IVF_LIST_SIZE",
+    "IVF_MAX_DIM",
     "IVF_PROBES",
     "KNN_EDGE_BUDGET",
     "KNN_METHODS",
@@ -42,6 +43,7 @@ __all__ = [
     "ivf_cells",
     "knn_candidates",
     "pair_keys",
+    "principal_projection",
     "sorted_keys",
     "suggested_knn_k",
     "triu_pairs",
@@ -92,6 +94,16 @@ IVF_LIST_SIZE: Final = 128
 #: point's 10 nearest against 82 %) in about the same time, 6 probes of 64 more (84 %) in
 #: 10 % more time, mostly spent partitioning.
 IVF_PROBES: Final = 4
+
+#: Widest embedding the IVF graph is searched in. Wider embeddings (the default mixed
+#: embedding is 376-d: the head's 128 and the 248 texture features) are projected onto their
+#: first IVF_MAX_DIM principal components for the search alone: its cost grows with D, and
+#: the pairs it finds are scored in the full embedding afterwards.
+IVF_MAX_DIM: Final = 128
+
+# Rows the principal axes are fitted on (a seeded sample), and rows projected at a time.
+_PCA_SAMPLE: Final = 65_536
+_PCA_BLOCK: Final = 65_536
 
 #: Directed k-NN edges (ids x k) that :func:`suggested_knn_k` aims at: about the candidate
 #: count the 60-second selection budget allows at 1M patches (benchmarks/scale_selection.py).
@@ -516,10 +528,38 @@ def _ivf_neighbours(emb: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, np.nd
         yield rows, nbr
 
 
+def principal_projection(emb: np.ndarray, dim: int) -> np.ndarray:
+    """``emb`` (M, D) projected onto its ``dim`` leading principal axes (centred), float32,
+    C-contiguous; ``emb`` itself when D <= dim.
+
+    The axes come from the covariance of at most :data:`_PCA_SAMPLE` rows drawn with a fixed
+    seed (a function of the embeddings alone, like the IVF partition); the projection runs
+    in blocks, so only the (M, dim) result is allocated. Euclidean distances shrink by what
+    the dropped axes carried, which the k-NN search tolerates: it only proposes pairs.
+    """
+    m, d = emb.shape
+    if d <= dim:
+        return emb
+    rng = np.random.default_rng(_IVF_SEED)
+    sample = emb[np.sort(rng.choice(m, size=min(m, _PCA_SAMPLE), replace=False))]
+    sample = sample.astype(np.float64)
+    mean = sample.mean(axis=0)
+    sample -= mean
+    _, vectors = np.linalg.eigh(sample.T @ sample)
+    axes = np.ascontiguousarray(vectors[:, ::-1][:, :dim], dtype=np.float32)  # (D, dim)
+    centre = mean.astype(np.float32)
+    out = np.empty((m, dim), dtype=np.float32)
+    for lo in range(0, m, _PCA_BLOCK):
+        np.matmul(emb[lo : lo + _PCA_BLOCK] - centre, axes, out=out[lo : lo + _PCA_BLOCK])
+    return out
+
+
 def _knn_edge_keys(
     emb: np.ndarray, ids: np.ndarray, k: int, base: int, method: str
 ) -> np.ndarray:
     """Sorted unique keys of the symmetrised k-NN graph over ``emb`` (rows = ``ids``)."""
+    if method == "ivf":
+        emb = principal_projection(emb, IVF_MAX_DIM)
     blocks = _ivf_neighbours(emb, k) if method == "ivf" else _exact_neighbours(emb, k)
     chunks = []
     for rows, found in blocks:
@@ -664,6 +704,7 @@ def knn_candidates(
     if stats is not None:
         stats.update(
             knn_method=method,
+            knn_dim=min(emb_all.shape[1], IVF_MAX_DIM) if method == "ivf" else emb_all.shape[1],
             knn_edges=int(edges.size),
             far_pairs=int(far.size),
             seconds_neighbours=round(searched - started, 4),
