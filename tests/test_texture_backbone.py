@@ -234,3 +234,26 @@ def test_texture_beats_spectral_frozen_on_eurosat_rgb(rgb: PatchPool) -> None:
     m_texture = evaluate(texture, labels, archive, queries)["map@20"]
     m_spectral = evaluate(spectral, labels, archive, queries)["map@20"]
     assert m_texture > m_spectral + 0.05, (m_texture, m_spectral)
+
+
+def test_cached_features_are_normalised_block_by_block_to_the_same_values(
+    ms: PatchPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anneal_geo.training import trainer as trainer_module
+    from anneal_geo.training.heads import MetricModel
+    from anneal_geo.training.trainer import Trainer
+
+    x = ms.float_patches()
+
+    def cached(block: int) -> tuple[np.ndarray, TextureTrunk]:
+        monkeypatch.setattr(trainer_module, "_NORMALISE_BLOCK", block)
+        trunk = build(ms)
+        trainer = Trainer(MetricModel(trunk, seed=0), mode="head", seed=0)
+        return trainer.cache_features(x), trunk
+
+    whole, fitted = cached(1 << 20)
+    blocked, _ = cached(50)  # six blocks, the last one short
+    np.testing.assert_array_equal(blocked, whole)
+    # And both equal the fitted trunk run on the patches.
+    direct = run(fitted, torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(direct, whole, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,9 @@ __all__ = ["PatchSource", "RoundStats", "Trainer"]
 # The logger keeps the name it had before the trainer became a package.
 log = logging.getLogger("anneal_geo.training")
 
+# Rows normalised at a time when a fitted trunk turns its raw features into features.
+_NORMALISE_BLOCK = 65_536
+
 #: An array (N, C, H, W) or a ``get_batch(ids) -> float32 array`` function.
 PatchSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 Mode = Literal["head", "full"]
@@ -341,9 +344,18 @@ class Trainer:
         normalise = getattr(trunk, "normalise", None)
         if not callable(normalise):
             return self._run_batches(trunk, getter, batch_size, "features")
+        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        if raw.shape[1] != self.model.trunk_dim:  # normalising changes the width: at once
+            with torch.inference_mode():
+                out = normalise(torch.from_numpy(raw).to(self.device)).float().cpu().numpy()
+            return np.ascontiguousarray(out, dtype=np.float32)
+        # Block by block, written over the raw features: normalising a million rows at
+        # once held the raw features, the result and a temporary of each (4 GB at 1M x 248).
         with torch.inference_mode():
-            out = normalise(torch.from_numpy(raw).to(self.device)).float().cpu().numpy()
-        return np.ascontiguousarray(out, dtype=np.float32)
+            for start in range(0, len(raw), _NORMALISE_BLOCK):
+                block = torch.from_numpy(raw[start : start + _NORMALISE_BLOCK]).to(self.device)
+                raw[start : start + len(block)] = normalise(block).float().cpu().numpy()
+        return raw
 
     def save_trunk_state(self, path: str | Path) -> None:
         """Write the trunk's state dict (its fitted statistics) to ``path``, atomically."""
