@@ -11,6 +11,7 @@ the metric model and evaluates retrieval.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -425,6 +426,10 @@ class Engine:
         progress: show tqdm progress bars for long work.
         on_round: called with each finished round's record (the CLI prints a table row).
 
+    ``embeddings`` (N, D) is the pool's current embedding. In head mode each finished round
+    writes the new one over it, in place (a million patches' take 1.5 GB): copy it to keep
+    a round's, and read it under ``embeddings_lock`` from another thread.
+
     Raises:
         SessionError: another process holds the session, or one of its files is damaged.
         ConfigError, DataError, PluginError: a setting, the pool or a plugin is unusable.
@@ -497,6 +502,8 @@ class Engine:
         self._check_store()
         session.check_store_counts(self.store.count_by_answer())
         self.trainer = self._build_trainer()
+        #: Held while the embeddings are rewritten in place (see _finish_round).
+        self.embeddings_lock = threading.RLock()
         self.embeddings = self._initial_embeddings()
         # The untrained embedding's quality, kept with round 0 as its start: measured now,
         # at set-up, so that the wait after the first round does not pay for it.
@@ -680,8 +687,8 @@ class Engine:
     def _patch_source(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.pool.float_patches(ids), dtype=np.float32)
 
-    def _embed(self) -> np.ndarray:
-        out = self.trainer.embed(self._patch_source, len(self.pool))
+    def _embed(self, reuse: np.ndarray | None = None) -> np.ndarray:
+        out = self.trainer.embed(self._patch_source, len(self.pool), out=reuse)
         return np.asarray(out, dtype=np.float32)
 
     def _initial_embeddings(self) -> np.ndarray:
@@ -875,7 +882,11 @@ class Engine:
                 implied=labelled.implied,
             )
         t_trained = time.perf_counter()
-        self.embeddings = self._embed()
+        # Head mode writes the new embeddings over the previous ones (a million patches'
+        # take 1.5 GB: holding both was the round's peak); readers from other threads (the
+        # labeller's neighbours) wait on the lock rather than see half of each.
+        with self.embeddings_lock:
+            self.embeddings = self._embed(reuse=self.embeddings)
         t_embedded = time.perf_counter()
         metrics = self.evaluate()
         t_evaluated = time.perf_counter()

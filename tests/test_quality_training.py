@@ -273,3 +273,31 @@ def test_run_command_takes_margin_and_mix(pool_dir: Path, tmp_path: Path) -> Non
         )
         assert bad.exit_code != 0 and option[2:] in str(bad.output) + str(bad.exception)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_round_rewrites_the_embeddings_in_place_with_the_new_values(
+    pool: PatchPool, pool_dir: Path, tmp_path: Path
+) -> None:
+    config = texture_config(pool_dir, rounds=1)
+    session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
+    with Engine(session, pool, progress=False) as engine:
+        before = engine.embeddings
+        untrained = before.copy()
+        engine.run()
+        assert engine.embeddings is before  # no second copy of the pool's embeddings
+        fresh = engine.trainer.embed()  # into a new array: the same values
+        assert fresh is not before
+        np.testing.assert_array_equal(engine.embeddings, fresh)
+        assert not np.allclose(engine.embeddings, untrained)  # and they did change
+        assert engine.embeddings_lock.acquire(blocking=False)
+        engine.embeddings_lock.release()
+    # An array that does not fit (shape, dtype, or the features themselves) is not written.
+    trainer = engine.trainer
+    features = trainer.features
+    assert features is not None
+    wrong = np.zeros((len(pool), 3), dtype=np.float32)
+    assert trainer.embed_features(features, out=wrong) is not wrong and not wrong.any()
+    as_float64 = np.zeros(fresh.shape)
+    assert trainer.embed_features(features, out=as_float64) is not as_float64
+    view = np.zeros((fresh.shape[1], fresh.shape[0]), dtype=np.float32).T  # not C-contiguous
+    assert trainer.embed_features(features, out=view) is not view

@@ -518,7 +518,10 @@ class LabellingController:
         k = max(0, min(int(k), n - 1))
         if k == 0:
             return []
-        similarity = embeddings @ embeddings[int(patch_id)]
+        # A finishing round rewrites the embeddings in place: read them whole, before or after.
+        with self.engine.embeddings_lock:
+            embeddings = self.engine.embeddings
+            similarity = embeddings @ embeddings[int(patch_id)]
         similarity[int(patch_id)] = -np.inf
         top = np.argpartition(-similarity, k - 1)[:k]
         top = top[np.argsort(-similarity[top], kind="stable")]

@@ -579,21 +579,28 @@ class Trainer:
     # ------------------------------------------------------------------ embedding
 
     def embed(
-        self, source: PatchSource | None = None, n: int | None = None, *, batch_size: int = 256
+        self,
+        source: PatchSource | None = None,
+        n: int | None = None,
+        *,
+        batch_size: int = 256,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """L2-normalised embeddings of the whole pool, (N, D) float32 (D: the model's
         ``embedding_dim``).
 
         Head mode uses the cached trunk features (a pass of the head only; ``source`` is
         used only when nothing is cached yet, and is then cached); full mode runs the whole
-        model on ``source``.
+        model on ``source``. In head mode, ``out`` (an (N, D) float32 array, e.g. the
+        previous embeddings) is written over and returned when its shape fits, so a big
+        pool's embeddings are never held twice; full mode ignores it.
         """
         if self.mode == "head":
             if self._features is None:
                 if source is None:
                     raise DataError("nothing to embed: pass the patches or call cache_features()")
                 self.cache_features(source, n, batch_size=batch_size)
-            return self.embed_features(self.features)  # type: ignore[arg-type]
+            return self.embed_features(self.features, out=out)  # type: ignore[arg-type]
         if source is None:
             raise DataError("full mode embeds raw patches: pass source= to embed()")
         return self.embed_patches(source, n, batch_size=batch_size)
@@ -615,15 +622,30 @@ class Trainer:
         """
         return self._run_batches(self.model, _Getter(source, n), batch_size, "embedding")
 
-    def embed_features(self, features: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-        """The head, mixing and L2 normalisation on trunk features (N, trunk.out_dim)."""
+    def embed_features(
+        self, features: np.ndarray, *, batch_size: int = 65536, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The head, mixing and L2 normalisation on trunk features (N, trunk.out_dim),
+        written into ``out`` when it is an (N, D) C-contiguous float32 array, else into a
+        new one."""
         import torch
 
         arr = np.asarray(features, dtype=np.float32)
         self.model.eval()
         # One preallocated array, not a list of blocks concatenated at the end: at a million
         # patches that would hold the embeddings twice.
-        out = np.empty((len(arr), self.model.embedding_dim), dtype=np.float32)
+        shape = (len(arr), self.model.embedding_dim)
+        fits = (
+            isinstance(out, np.ndarray)
+            and out.shape == shape
+            and out.dtype == np.float32
+            and out.flags.c_contiguous
+            and out.flags.writeable
+            and not np.may_share_memory(out, arr)
+        )
+        if not fits:
+            out = np.empty(shape, dtype=np.float32)
+        assert out is not None
         with torch.inference_mode():
             for start in range(0, len(arr), batch_size):
                 chunk = torch.from_numpy(arr[start : start + batch_size]).to(self.device)
