@@ -358,28 +358,3 @@ def test_float_tiles_statistics_and_nan(tmp_path) -> None:
         PatchPool.from_tiles(product.parent, 64, store="tiles", out=tmp_path / "q", **options)
     text = one_line(exc)
     assert "NaN" in text and "--store array" in text
-
-
-def test_reads_cap_gdals_block_cache_and_restore_it(stores, monkeypatch) -> None:
-    from rasterio.env import get_gdal_config
-
-    from anneal_geo.data import tiles
-
-    _, tiles_pool, _ = stores
-    before = get_gdal_config("GDAL_CACHEMAX")
-    seen: list[int] = []
-    real = tiles._merge_read
-
-    def spying(*args: Any, **kwargs: Any) -> Any:
-        seen.append(int(get_gdal_config("GDAL_CACHEMAX")))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tiles, "_merge_read", spying)
-    tiles_pool.patches.close()
-    tiles_pool.patches[np.arange(5)]  # a pool reading from its tiles
-    assert seen and max(seen) <= min(before, tiles.READ_CACHE_BYTES)
-    assert get_gdal_config("GDAL_CACHEMAX") == before
-    seen.clear()
-    tiles.read_tiles(CELL, 64, bands=TEN_M, progress=False, keep_pixels=False)  # a build
-    assert seen and max(seen) <= min(before, tiles.READ_CACHE_BYTES)
-    assert get_gdal_config("GDAL_CACHEMAX") == before

@@ -64,7 +64,6 @@ __all__ = [
     "DEFAULT_MAX_NODATA",
     "DEFAULT_PATCH_SIZE",
     "FOOTPRINT_CHUNK_ROWS",
-    "READ_CACHE_BYTES",
     "TILE_SUFFIXES",
     "GeoRefs",
     "IngestReport",
@@ -77,7 +76,6 @@ __all__ = [
     "is_tile_archive",
     "patch_grid",
     "read_tiles",
-    "reading_env",
 ]
 
 #: Patch side in pixels when none is given (EuroSAT's 64 px at 10 m: 640 m).
@@ -369,23 +367,6 @@ class _Handles:
             handles, self._open = list(self._open.values()), {}
         for src in handles:
             src.close()
-
-
-#: GDAL's block cache while patches are read from tiles (restored afterwards). Reads
-#: stream through each scene about once, so a bigger cache only holds memory: GDAL's default,
-#: 5 % of the machine's memory (1.2 GB on a 24 GB laptop), filled up while a million-patch
-#: archive was read.
-READ_CACHE_BYTES = 256 << 20
-
-
-def reading_env() -> Any:
-    """A ``rasterio.Env`` for reading patches from tiles: GDAL's block cache capped at
-    :data:`READ_CACHE_BYTES` (or the current cap, when lower) until it is left."""
-    import rasterio
-    from rasterio.env import get_gdal_config
-
-    current = int(get_gdal_config("GDAL_CACHEMAX") or READ_CACHE_BYTES)
-    return rasterio.Env(GDAL_CACHEMAX=min(current, READ_CACHE_BYTES))
 
 
 # CRS text per WKT: EPSG look-ups cost about a millisecond, and every band file of an
@@ -1553,12 +1534,13 @@ def read_tiles(
             "that reads its pixels from the tiles does not use; leave read_block out"
         )
 
+    import rasterio
+
     # One rasterio environment for the whole read (each rasterio call would otherwise set
-    # one up and tear it down), with GDAL's block cache capped; reader threads enter their
-    # own.
+    # one up and tear it down); reader threads enter their own.
     handles = _Handles() if block is None else None
     try:
-        with reading_env():
+        with rasterio.Env():
             return _read_archive(
                 root,
                 size,

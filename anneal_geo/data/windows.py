@@ -229,7 +229,7 @@ class TileWindows:
     # -- reading -----------------------------------------------------------------------------
     def read(self, ids: np.ndarray) -> np.ndarray:
         """The patches ``ids`` (1-D, in range), in that order: (len(ids), C, P, P)."""
-        from anneal_geo.data.tiles import reading_env
+        import rasterio
 
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), len(self.channels), self.size, self.size), dtype=self.dtype)
@@ -238,7 +238,7 @@ class TileWindows:
         scenes = self.scene[ids]
         order = np.argsort(scenes, kind="stable")
         cuts = np.flatnonzero(np.diff(scenes[order])) + 1
-        with self._lock, reading_env():
+        with self._lock, rasterio.Env():
             for group in np.split(order, cuts):
                 self._read_scene(int(scenes[group[0]]), ids[group], group, out)
         return out
