@@ -78,6 +78,8 @@ def test_lookups_from_the_file_equal_those_in_memory(built, from_file) -> None:
     expected = whole.iloc[ids].reset_index(drop=True)
     assert rows.geometry.to_wkt().tolist() == expected.geometry.to_wkt().tolist()
     assert rows["row_off"].tolist() == expected["row_off"].tolist()
+    none = pool.footprint_rows([])
+    assert len(none) == 0 and list(none.columns) == list(whole.columns)
     area = shapely.union_all(whole.geometry.iloc[[5, 6, 21]].to_numpy()).buffer(-1e-4)
     hits = pool.patches_intersecting(area)
     in_memory = np.sort(whole["patch_id"].to_numpy()[whole.sindex.query(area, "intersects")])

@@ -135,8 +135,8 @@ def read_footprint_rows(path: Path, ids: Sequence[int] | np.ndarray) -> Any:
 
     wanted = np.asarray(ids, dtype=np.int64).ravel()
     unique = np.unique(wanted)
-    if unique.size == 0:
-        return read_footprints(path, max_features=0)
+    if unique.size == 0:  # the columns alone (max_features=0 would read every row)
+        return read_footprints(path, max_features=1).iloc[:0].reset_index(drop=True)
     try:
         frame = pyogrio.read_dataframe(path, layer=LAYER, fids=unique + 1)
         by_id = np.array_equal(frame["patch_id"].to_numpy(dtype=np.int64), unique)
