@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anneal_geo import plugins
+from anneal_geo._memory import release_free_memory
 from anneal_geo.errors import AnnealError, ConfigError, DataError, PluginError, SessionError
 from anneal_geo.lock import SessionLock
 
@@ -311,6 +312,8 @@ def select_pairs(
         u = estimator.checked_score(embeddings, block)
         best_pairs, best_u = _top_h(best_pairs, best_u, block, u, h)
     t_score = time.perf_counter() - t0
+    # The candidate graph and its scoring freed hundreds of MB in blocks: hand them back.
+    release_free_memory()
     if n_candidates < budget:
         raise ConfigError(
             f"budget of {budget} pairs per round is larger than the {n_candidates} candidate "
@@ -689,6 +692,7 @@ class Engine:
 
     def _embed(self, reuse: np.ndarray | None = None) -> np.ndarray:
         out = self.trainer.embed(self._patch_source, len(self.pool), out=reuse)
+        release_free_memory()
         return np.asarray(out, dtype=np.float32)
 
     def _initial_embeddings(self) -> np.ndarray:

@@ -32,6 +32,7 @@ Queries return a GeoDataFrame (EPSG:4326) with ``rank``, ``distance``, ``patch_i
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from anneal_geo._memory import release_free_memory
 from anneal_geo.errors import ConfigError, DataError
 from anneal_geo.retrieval.plots import plot_results  # drawn there; importable here too
 
@@ -167,6 +169,11 @@ def _session_embeddings(
     with _session_engine(session_dir, pool, lock) as engine:
         embeddings = np.asarray(engine.embeddings, dtype=np.float32)
         bands = list(engine.pool.bands)
+    # Only the embeddings go on: the engine's trunk features (1 GB at a million patches)
+    # must be gone before faiss copies the embeddings into the index.
+    del engine
+    gc.collect()
+    release_free_memory()
     latest = session.latest_checkpoint()
     embedder = {
         "kind": "session",
