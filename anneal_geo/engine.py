@@ -696,7 +696,13 @@ class Engine:
         return np.asarray(out, dtype=np.float32)
 
     def _initial_embeddings(self) -> np.ndarray:
-        return self._embed()
+        embeddings = self._embed()
+        if self.config.train_mode == "head":
+            # The features are cached: the tiles are not read again until someone looks at
+            # a patch, so let go of their open files and the blocks GDAL keeps for them.
+            self.pool.close_files()
+            release_free_memory()
+        return embeddings
 
     # -- state -----------------------------------------------------------------------------
     @property

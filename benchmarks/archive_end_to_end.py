@@ -463,8 +463,10 @@ def run_chain(size: int, args: argparse.Namespace, archive: Path, progress: bool
         del engine
         gc.collect()
         with steps.step("index") as row:
-            built = build_index(session_dir, kind=args.index_kind)
-            row["kind"] = built.kind
+            # Only the kind is kept: a query opens the saved index, as `anneal-geo query`
+            # does in its own process, rather than holding the built one beside it.
+            row["kind"] = build_index(session_dir, kind=args.index_kind).kind
+        gc.collect()
         with steps.step("query") as row:
             geo = GeoIndex.load(session_dir)
             try:

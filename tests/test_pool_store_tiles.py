@@ -122,6 +122,18 @@ def test_two_threads_read_the_same_values(stores) -> None:
         assert np.array_equal(got[k], array.patches[ids[k][:70]])
 
 
+def test_closed_files_reopen_on_the_next_read(stores) -> None:
+    array, tiles, _ = stores
+    ids = np.arange(0, len(array), 5)
+    assert np.array_equal(tiles.patches[ids], array.patches[ids])
+    assert tiles.patches._handles._open  # the band files stay open between reads
+    tiles.close_files()
+    assert not tiles.patches._handles._open
+    assert np.array_equal(tiles.patches[ids[::-1]], array.patches[ids[::-1]])
+    array.close_files()  # an array pool has nothing to close
+    assert np.array_equal(array.patches[ids], tiles.patches[ids])
+
+
 def test_statistics_footprints_sources_and_dates_equal(stores) -> None:
     array, tiles, built = stores
     for pool in (tiles, built):
@@ -293,6 +305,9 @@ def test_an_engine_session_embeds_the_same_on_both_stores(tmp_path) -> None:
             session = Session.create(tmp_path / f"s-{name}", config, {"pool_dir": str(pool_dir)})
             pool = PatchPool.open(pool_dir)
             with Engine(session, pool, progress=False) as engine:
+                # Once the features are cached, the tiles' files are let go until needed.
+                if isinstance(engine.pool.patches, TileWindows):
+                    assert not engine.pool.patches._handles._open
                 engine.run()
                 embeddings.append(np.asarray(engine.embeddings))
             picture = PatchRenderer(pool).pair(3, 200)

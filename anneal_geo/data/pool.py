@@ -1018,6 +1018,15 @@ class PatchPool:
             raise DataError(f"patch ids must be one-dimensional, got shape {index.shape}")
         return np.array(self.patches[index], dtype=np.float32)
 
+    def close_files(self) -> None:
+        """Close the tile files a tiles-store pool keeps open between reads, which frees
+        the blocks GDAL caches for them (about 300 MB after reading 210,000 patches); they
+        reopen on the next read. Nothing to do for a pool whose pixels are in its folder."""
+        from anneal_geo.data.windows import TileWindows
+
+        if isinstance(self.patches, TileWindows):
+            self.patches.close()
+
     def single_labels(self) -> np.ndarray:
         """(N,) int64 class index of each patch.
 
