@@ -56,6 +56,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from anneal_geo._memory import release_free_memory
 from anneal_geo.data.bands import S2_ALL_BANDS, infer_band_names, normalise_band_name
 from anneal_geo.data.sources import GeoRef, natural_key, sha256_file
 from anneal_geo.errors import ConfigError, DataError
@@ -86,6 +87,9 @@ DEFAULT_MAX_NODATA = 0.5
 TILE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
 # Pixels of one direct read (a strip of patch rows of one band): 16 MB as uint16.
 _STRIP_PIXELS = 8 << 20
+# Band reads between two hand-backs of freed heap memory while tiles are read: the reader
+# threads free a strip's buffers into their own allocator arenas, which otherwise keep them.
+_TRIM_EVERY_READS = 64
 # A raster at least this large (and georeferenced) is a scene, not a patch, when telling a
 # tile archive from a class-folder archive (EuroSAT 64 px, BigEarthNet 120, UC Merced 256).
 _MIN_SCENE_SIDE = 512
@@ -1295,6 +1299,7 @@ def _read_direct(
     keep_pixels = bool(options.get("keep_pixels", True))
     max_nodata = options["max_nodata"]
     lock = threading.Lock()
+    reads = [0]  # (scene, band) reads done, for handing freed memory back now and then
     offsets = np.cumsum([0, *(p.rows * p.cols for p in plans)])
     strips: list[list[_Strip]] = []
     tasks: list[tuple[int, int | None]] = []  # (scene, channel or None for the mask)
@@ -1427,6 +1432,11 @@ def _read_direct(
                 if done:
                     finish(strip)
                 bar.update(1)
+        with lock:
+            reads[0] += 1
+            trim = reads[0] % _TRIM_EVERY_READS == 0
+        if trim:
+            release_free_memory()
 
     workers = min(options["workers"], len(tasks) + len(extra))
     if workers <= 1:
