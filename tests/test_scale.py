@@ -80,6 +80,20 @@ def test_ivf_cells_probe_the_nearest_cells() -> None:
     assert (np.sort(few, axis=1) == [0, 1]).all() and np.isfinite(few_dist).all()
 
 
+def test_ivf_cells_do_not_depend_on_the_block_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The best probes are picked a block of rows at a time; blocks of 701 rows (the last
+    # one short) must give what one block of all 5,000 gives.
+    from anneal_geo.pairs import candidates
+
+    x = clustered(5_000)
+    whole = ivf_cells(x, list_size=100, probes=3)
+    monkeypatch.setattr(candidates, "_KNN_QUERY_CHUNK", 701)
+    blocked = ivf_cells(x, list_size=100, probes=3)
+    for a, b in zip(whole, blocked, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert blocked[1].dtype == np.int64  # what faiss's search_preassigned takes
+
+
 def test_ivf_graph_is_exact_when_every_cell_is_probed(eurosat_embeddings: np.ndarray) -> None:
     # 283 patches make 2 cells of ~128 and every point probes both: the IVF search is then
     # exhaustive, and only float16 storage could reorder near-ties.
