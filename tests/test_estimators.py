@@ -193,6 +193,13 @@ def test_pair_distances_blockwise_equals_direct() -> None:
     pairs = _all_pairs(np.arange(50))
     direct = np.linalg.norm(emb[pairs[:, 0]] - emb[pairs[:, 1]], axis=1)
     np.testing.assert_allclose(pair_distances(emb, pairs, block=7), direct, rtol=1e-6)
+    np.testing.assert_allclose(pair_distances(emb, pairs[:, ::-1]), direct, rtol=1e-6)
+    assert pair_distances(emb, pairs.astype(np.int32), block=0).shape == direct.shape
+    # faiss reads rows unchecked, so ids outside the embeddings are refused first.
+    with pytest.raises(IndexError, match="pair ids must lie in"):
+        pair_distances(emb, np.array([[0, 50]]))
+    with pytest.raises(TypeError, match="integers"):
+        pair_distances(emb, pairs.astype(np.float64))
 
 
 def test_mgue_hand_made_thresholds() -> None:

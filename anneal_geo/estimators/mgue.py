@@ -49,13 +49,17 @@ def pair_distances(embeddings: np.ndarray, pairs: np.ndarray, block: int = BLOCK
     lib: Any = faiss
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     prs = np.asarray(pairs).reshape(-1, 2)
+    if prs.dtype.kind not in "iu":
+        raise TypeError(f"pair ids must be integers, got dtype {prs.dtype}")
+    # faiss reads the rows unchecked: every id must be a row.
     if prs.size and (prs.min() < 0 or prs.max() >= emb.shape[0]):
         raise IndexError(f"pair ids must lie in [0, {emb.shape[0]})")
+    step = max(int(block), 1)
     out = np.empty(prs.shape[0], dtype=np.float64)
-    squared = np.empty(min(prs.shape[0], max(int(block), 1)), dtype=np.float32)
+    squared = np.empty(min(prs.shape[0], step), dtype=np.float32)
     dim = emb.shape[1]
-    for start in range(0, prs.shape[0], max(int(block), 1)):
-        chunk = prs[start : start + block]
+    for start in range(0, prs.shape[0], step):
+        chunk = prs[start : start + step]
         left = np.ascontiguousarray(chunk[:, 0], dtype=np.int64)
         right = np.ascontiguousarray(chunk[:, 1], dtype=np.int64)
         sq = squared[: len(chunk)]
