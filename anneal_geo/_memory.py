@@ -14,28 +14,23 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from typing import Any
 
-_TRIM: Any = None
-_LOOKED_UP = False
 
-
+@functools.cache
 def _malloc_trim() -> Any:
-    global _TRIM, _LOOKED_UP
-    if not _LOOKED_UP:
-        _LOOKED_UP = True
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                trim = libc.malloc_trim
-            except (OSError, AttributeError):  # not glibc
-                trim = None
-            if trim is not None:
-                trim.argtypes = [ctypes.c_size_t]
-                trim.restype = ctypes.c_int
-            _TRIM = trim
-    return _TRIM
+    """glibc's ``malloc_trim``, or None where there is none (looked up once)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def release_free_memory() -> bool:

@@ -1299,7 +1299,7 @@ def _read_direct(
     keep_pixels = bool(options.get("keep_pixels", True))
     max_nodata = options["max_nodata"]
     lock = threading.Lock()
-    reads = [0]  # (scene, band) reads done, for handing freed memory back now and then
+    reads = itertools.count(1)  # (scene, band) reads, to hand freed memory back now and then
     offsets = np.cumsum([0, *(p.rows * p.cols for p in plans)])
     strips: list[list[_Strip]] = []
     tasks: list[tuple[int, int | None]] = []  # (scene, channel or None for the mask)
@@ -1432,10 +1432,7 @@ def _read_direct(
                 if done:
                     finish(strip)
                 bar.update(1)
-        with lock:
-            reads[0] += 1
-            trim = reads[0] % _TRIM_EVERY_READS == 0
-        if trim:
+        if next(reads) % _TRIM_EVERY_READS == 0:  # next() on a count is atomic in CPython
             release_free_memory()
 
     workers = min(options["workers"], len(tasks) + len(extra))

@@ -328,7 +328,6 @@ class Trainer:
         else:
             features = self._fit_trunk(getter, max(batch_size, 1024))
         self.set_features(features)
-        release_free_memory()
         if path is not None:
             if self.trunk_fits_statistics:
                 self.save_trunk_state(self.trunk_state_path(path))
@@ -677,23 +676,22 @@ class Trainer:
         # list between the large temporary batches fragments the heap (measured +0.8 GB
         # against +0.17 GB on a 50,000-patch pool).
         out: np.ndarray | None = None
-        done = 0
         disable = None if self.progress is None else not self.progress
         with torch.inference_mode():
-            for ids in tqdm(
+            batches = tqdm(
                 getter.chunks(batch_size),
                 total=math.ceil(getter.n / batch_size),
                 desc=what,
                 unit="batch",
                 disable=disable,
                 leave=False,
-            ):
+            )
+            for done, ids in enumerate(batches, start=1):
                 x = torch.from_numpy(getter(ids)).to(self.device)
                 y = (module if call is None else call)(x).float().cpu().numpy()
                 if out is None:
                     out = np.empty((getter.n, y.shape[1]), dtype=np.float32)
                 out[int(ids[0]) : int(ids[-1]) + 1] = y
-                done += 1
                 if done % _TRIM_EVERY_BATCHES == 0:
                     release_free_memory()
         module.train(was_training)
