@@ -698,6 +698,9 @@ class Engine:
     def _initial_embeddings(self) -> np.ndarray:
         embeddings = self._embed()
         if self.config.train_mode == "head":
+            # With mix > 0 the embedding holds the normalised features: the trainer reads
+            # them from there and drops its own copy (1 GB at a million patches).
+            self.trainer.share_features(embeddings)
             # The features are cached: the tiles are not read again until someone looks at
             # a patch, so let go of their open files and the blocks GDAL keeps for them.
             self.pool.close_files()

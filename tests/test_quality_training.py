@@ -17,7 +17,7 @@ from anneal_geo.engine import Engine
 from anneal_geo.errors import ConfigError
 from anneal_geo.pairs.transitivity import Closure, closure
 from anneal_geo.session import Session, SessionConfig
-from anneal_geo.training import MetricModel, Trainer
+from anneal_geo.training import MetricModel, SharedFeatures, Trainer
 
 
 def texture_config(pool_dir: Path, **overrides: object) -> SessionConfig:
@@ -301,3 +301,53 @@ def test_a_round_rewrites_the_embeddings_in_place_with_the_new_values(
     assert trainer.embed_features(features, out=as_float64) is not as_float64
     view = np.zeros((fresh.shape[1], fresh.shape[0]), dtype=np.float32).T  # not C-contiguous
     assert trainer.embed_features(features, out=view) is not view
+
+
+def test_a_mixed_session_keeps_its_features_once_inside_the_embedding(
+    pool: PatchPool, pool_dir: Path, tmp_path: Path
+) -> None:
+    config = texture_config(pool_dir, rounds=1, repair="split")
+    session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
+    with Engine(session, pool, progress=False) as engine:
+        shared = engine.trainer.features
+        assert isinstance(shared, SharedFeatures)
+        assert shared.embeddings is engine.embeddings  # no second (N, F) array
+        assert shared.shape == (len(pool), engine.trainer.model.trunk_dim)
+        # The rows read back are the cached features, to float32 rounding.
+        cached = np.load(next(session.directory.glob("trunk_features_*.npy")))
+        np.testing.assert_allclose(shared[np.arange(len(pool))], cached, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(shared), cached, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(shared[5:9], np.asarray(shared)[5:9])
+        head = engine.trainer.model.out_dim
+        frozen = engine.embeddings[:, head:].copy()
+        engine.run()
+        # A round rewrote the head's columns only; rows stay unit length.
+        np.testing.assert_array_equal(engine.embeddings[:, head:], frozen)
+        np.testing.assert_allclose(np.linalg.norm(engine.embeddings, axis=1), 1.0, atol=1e-5)
+        # The repair step reads the answered rows and suspects what the full array would.
+        pairs, labels = engine.store.answers()[:2]
+        labels = np.where(np.arange(len(labels)) % 4 == 0, 1 - labels, labels)  # a tired expert
+        rows = closure(pairs, labels, n=len(pool), repair="split", features=shared)
+        full = closure(pairs, labels, n=len(pool), repair="split", features=cached)
+        assert rows.suspects == full.suspects and len(rows.suspects) > 0
+        np.testing.assert_array_equal(rows.pairs, full.pairs)
+
+
+def test_features_are_not_shared_without_mixing(pool: PatchPool) -> None:
+    trunk = plugins.create("backbones", "texture").checked_build(
+        pool.bands, pool.band_mean.tolist(), pool.band_std.tolist()
+    )
+    plain = Trainer(MetricModel(trunk, out_dim=16, mix=0.0), mode="head", progress=False)
+    plain.cache_features(pool.float_patches(np.arange(64)))
+    embeddings = plain.embed()
+    assert plain.share_features(embeddings) is False
+    assert isinstance(plain.features, np.ndarray)
+    mixed = Trainer(MetricModel(trunk, out_dim=16, mix=0.5), mode="head", progress=False)
+    mixed.set_features(plain.features)
+    assert mixed.share_features(np.zeros((64, 3), dtype=np.float32)) is False  # wrong shape
+    embeddings = mixed.embed()
+    before = embeddings.copy()
+    assert mixed.share_features(embeddings) is True
+    assert mixed.share_features(embeddings) is True  # already shared: unchanged
+    np.testing.assert_allclose(embeddings, before, atol=1e-6)  # the same embedding
+    np.testing.assert_array_equal(mixed.embed(), embeddings)  # a new array: same values

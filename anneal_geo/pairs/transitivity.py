@@ -21,6 +21,7 @@ store. Consistent answers have no contradictions, and with ``cut`` their closure
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def closure(
     seed: int | np.random.Generator = 0,
     implies: str = "full",
     repair: str = "none",
-    features: np.ndarray | None = None,
+    features: FeatureRows | None = None,
     exclude: np.ndarray | None = None,
 ) -> Closure:
     """Expand answers by transitivity; never raises on contradictory answers.
@@ -170,7 +171,8 @@ def closure(
         repair: ``none`` (a contradicted component implies nothing), ``cut`` (the
             answers :func:`suspect_answers` names are left out, the rest is consistent) or
             ``split`` (``cut``, then the :func:`weak_links` too; needs ``features``).
-        features: (n, F) patch features (frozen trunk features are best): distances that
+        features: (n, F) patch features (frozen trunk features are best; anything whose
+            ``features[ids]`` gives rows, only the answered patches' are read): distances that
             break ties of ``cut`` (None: the latest answer) and judge groups for ``split``.
         exclude: (E, 2) answered pairs to leave out as suspects besides (either order;
             pairs without an answer are ignored).
@@ -313,10 +315,25 @@ def _contradictions(prs: np.ndarray, lab: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in prs[contra].tolist()]
 
 
+class FeatureRows(Protocol):
+    """Patch features read by rows: an (n, F) array, or anything whose ``features[ids]``
+    gives the rows ``ids`` (such as :class:`~anneal_geo.training.SharedFeatures`)."""
+
+    def __getitem__(self, ids: Any, /) -> Any: ...
+
+
+def _answered_rows(features: FeatureRows, prs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 feature rows of the patches in ``prs`` (sorted by id) and ``prs`` as
+    indices into them: only the answered patches' rows are read, never all n."""
+    ids = np.unique(prs)
+    rows = np.asarray(features[ids], dtype=np.float64).reshape(len(ids), -1)
+    return rows, np.searchsorted(ids, prs)
+
+
 def suspect_answers(
     pairs: np.ndarray,
     labels: np.ndarray,
-    features: np.ndarray | None = None,
+    features: FeatureRows | None = None,
     left_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The answers to suspect so that the rest has no contradiction.
@@ -344,8 +361,8 @@ def suspect_answers(
     gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
     suspect = np.zeros(lab.size, dtype=bool)
     if features is not None:
-        f = np.asarray(features, dtype=np.float64)
-        dist = np.linalg.norm(f[prs[:, 0]] - f[prs[:, 1]], axis=1)
+        f, local = _answered_rows(features, prs)
+        dist = np.linalg.norm(f[local[:, 0]] - f[local[:, 1]], axis=1)
     else:
         dist = np.zeros(lab.size)
     while True:
@@ -537,7 +554,7 @@ def _sample_blocks(
 def weak_links(
     pairs: np.ndarray,
     labels: np.ndarray,
-    features: np.ndarray,
+    features: FeatureRows,
     left_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Similar answers that join two groups which, as groups, look dissimilar.
@@ -559,9 +576,10 @@ def weak_links(
     lab = np.asarray(labels).reshape(-1)
     gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
     suspect = np.zeros(lab.size, dtype=bool)
-    f = np.asarray(features, dtype=np.float64)
+    f, at = _answered_rows(features, prs)
+    answered = np.unique(prs)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    dist = np.linalg.norm(f[prs[:, 0]] - f[prs[:, 1]], axis=1)
+    dist = np.linalg.norm(f[at[:, 0]] - f[at[:, 1]], axis=1)
     live = ~gone
     if not ((lab[live] == 1).any() and (lab[live] == 0).any()):
         return suspect
@@ -582,7 +600,7 @@ def weak_links(
         members = np.unique(local[edges])
         index = {int(v): k for k, v in enumerate(members.tolist())}
         ends = np.array([[index[int(u)], index[int(v)]] for u, v in local[edges].tolist()])
-        fm = f[nodes[members]]
+        fm = f[np.searchsorted(answered, nodes[members])]
         within = np.linalg.norm(fm[:, None, :] - fm[None, :, :], axis=2)
         best, best_k, best_side = tau, -1, np.empty(0, bool)
         for k in range(edges.size):

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from anneal_geo.training.losses import _contrastive_loss as _contrastive_loss
 from anneal_geo.training.losses import _TripletSampler as _TripletSampler
-from anneal_geo.training.trainer import PatchSource, RoundStats, Trainer
+from anneal_geo.training.trainer import PatchSource, RoundStats, SharedFeatures, Trainer
 from anneal_geo.training.trainer import _balanced_rows as _balanced_rows
 from anneal_geo.training.trainer import _dihedral as _dihedral
 from anneal_geo.training.trainer import _PairLookup as _PairLookup
@@ -50,7 +50,7 @@ from anneal_geo.training.trainer import _PairLookup as _PairLookup
 if TYPE_CHECKING:
     from anneal_geo.training.heads import MetricModel
 
-__all__ = ["MetricModel", "PatchSource", "RoundStats", "Trainer"]
+__all__ = ["MetricModel", "PatchSource", "RoundStats", "SharedFeatures", "Trainer"]
 
 
 def __getattr__(name: str) -> Any:

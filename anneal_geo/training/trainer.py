@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from anneal_geo.training.heads import MetricModel
 
-__all__ = ["PatchSource", "RoundStats", "Trainer"]
+__all__ = ["PatchSource", "RoundStats", "SharedFeatures", "Trainer"]
 
 # The logger keeps the name it had before the trainer became a package.
 log = logging.getLogger("anneal_geo.training")
@@ -62,6 +62,52 @@ _DEFAULTS: dict[str, dict[str, int]] = {
 #: batch a round at 2,000 answers on a 4,000-patch pool (hundreds of thousands of implied
 #: pairs) takes a few seconds of head training on one CPU thread.
 DEFAULT_PAIR_BUDGET = 4096
+
+
+class SharedFeatures:
+    """Trunk features kept inside the mixed embedding instead of beside it.
+
+    With ``mix > 0`` the last ``F`` columns of a head-mode embedding are the L2-normalised
+    trunk features times one constant (:class:`~anneal_geo.training.heads.MetricModel`).
+    Those columns and each row's feature norm give the features back, to float32 rounding,
+    so a session holds its features once: a million patches' 248 texture features are
+    1 GB of float32, their norms 4 MB. The embedding's feature columns must stay as the
+    first embedding wrote them; :meth:`Trainer.embed` then rewrites the head's columns only.
+
+    Rows are read with ``features[ids]`` (ids: an int array or a slice), like an array's;
+    ``np.asarray(features)`` builds the whole (N, F) array.
+    """
+
+    def __init__(self, embeddings: np.ndarray, start: int, norms: np.ndarray) -> None:
+        self.embeddings = embeddings
+        self.start = int(start)
+        self.norms = np.ascontiguousarray(norms, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.embeddings), int(self.embeddings.shape[1]) - self.start)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, ids: Any) -> np.ndarray:
+        block = np.array(self.embeddings[ids, self.start :], dtype=np.float32)
+        length = np.linalg.norm(block, axis=-1, keepdims=True)
+        scale = np.asarray(self.norms[ids], dtype=np.float32)[..., None] / np.maximum(
+            length, np.float32(1e-30)
+        )
+        block *= scale
+        return block
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.float32)
+        for start in range(0, len(out), _NORMALISE_BLOCK):
+            out[start : start + _NORMALISE_BLOCK] = self[start : start + _NORMALISE_BLOCK]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -262,14 +308,67 @@ class Trainer:
             groups.append({"params": trunk_params, "lr": self.lr_trunk, "name": "trunk"})
         self.optimizer = torch.optim.Adam(groups)
         self.rounds = 0
-        self._features: torch.Tensor | None = None
+        self._features: torch.Tensor | SharedFeatures | None = None
 
     # ------------------------------------------------------------------ features (head mode)
 
     @property
-    def features(self) -> np.ndarray | None:
-        """The cached trunk features (N, trunk.out_dim) float32, or None."""
-        return None if self._features is None else self._features.cpu().numpy()
+    def features(self) -> np.ndarray | SharedFeatures | None:
+        """The cached trunk features (N, trunk.out_dim) float32, or None; after
+        :meth:`share_features`, a :class:`SharedFeatures` that reads their rows from the
+        embedding."""
+        if self._features is None or isinstance(self._features, SharedFeatures):
+            return self._features
+        return self._features.cpu().numpy()
+
+    def share_features(self, embeddings: np.ndarray) -> bool:
+        """Keep the cached features inside ``embeddings`` (see :class:`SharedFeatures`),
+        let go of the separate copy, and return True.
+
+        Needs head mode, ``mix > 0``, the CPU and an (N, D) C-contiguous float32 array
+        (``D = embedding_dim``); otherwise nothing changes and False is returned.
+        ``embeddings`` is written with this model's embedding of the features: the feature
+        columns as ``mix / sqrt(1 + mix**2)`` times the normalised features, then the
+        head's columns from the features as read back from them. Every later embedding
+        (:meth:`embed`, training, a resumed session) reads the same values back, so a
+        session's embeddings are the same whether it ran on or was resumed.
+        """
+        import torch
+
+        features = self._features
+        if isinstance(features, SharedFeatures):
+            return features.embeddings is embeddings
+        mix = float(self.model.mix)
+        if (
+            self.mode != "head"
+            or not isinstance(features, torch.Tensor)
+            or self.device.type != "cpu"
+            or mix <= 0.0
+        ):
+            return False
+        start = int(self.model.out_dim)
+        if not (
+            isinstance(embeddings, np.ndarray)
+            and embeddings.dtype == np.float32
+            and embeddings.shape == (len(features), start + features.shape[1])
+            and embeddings.flags.c_contiguous
+            and embeddings.flags.writeable
+        ):
+            return False
+        scale = mix / math.sqrt(1.0 + mix * mix)
+        norms = np.empty(len(features), dtype=np.float32)
+        with torch.inference_mode():
+            for first in range(0, len(features), _NORMALISE_BLOCK):
+                rows = slice(first, first + _NORMALISE_BLOCK)
+                block = features[rows]
+                length = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+                norms[rows] = length[:, 0].numpy()
+                unit = block / length.clamp_min(1e-12)
+                embeddings[rows, start:] = (unit * scale).numpy()
+        shared = SharedFeatures(embeddings, start, norms)
+        self._features = shared
+        self._embed_shared(shared, embeddings)
+        return True
 
     @property
     def trunk_fits_statistics(self) -> bool:
@@ -572,6 +671,8 @@ class Trainer:
         if self.mode == "head":
             assert self._features is not None
             index = torch.from_numpy(ids).to(self.device)
+            if isinstance(self._features, SharedFeatures):
+                return self.model.embed_features(torch.from_numpy(self._features[ids]))
             return self.model.embed_features(self._features.index_select(0, index))
         assert getter is not None
         unique, inverse = np.unique(ids, return_inverse=True)
@@ -605,10 +706,31 @@ class Trainer:
                 if source is None:
                     raise DataError("nothing to embed: pass the patches or call cache_features()")
                 self.cache_features(source, n, batch_size=batch_size)
+            if isinstance(self._features, SharedFeatures):
+                return self._embed_shared(self._features, out)
             return self.embed_features(self.features, out=out)  # type: ignore[arg-type]
         if source is None:
             raise DataError("full mode embeds raw patches: pass source= to embed()")
         return self.embed_patches(source, n, batch_size=batch_size)
+
+    def _embed_shared(self, shared: SharedFeatures, out: np.ndarray | None) -> np.ndarray:
+        """:meth:`embed` from shared features: the head's columns are computed, the feature
+        columns are the shared embedding's (copied when ``out`` is another array)."""
+        import torch
+
+        emb = shared.embeddings
+        if out is not emb:
+            out = np.empty(emb.shape, dtype=np.float32)
+        head = shared.start
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(emb), _NORMALISE_BLOCK):
+                rows = slice(start, start + _NORMALISE_BLOCK)
+                chunk = torch.from_numpy(shared[rows]).to(self.device)
+                out[rows, :head] = self.model.embed_features(chunk)[:, :head].cpu().numpy()
+                if out is not emb:
+                    out[rows, head:] = emb[rows, head:]
+        return out
 
     def embed_patches(
         self, source: PatchSource, n: int | None = None, *, batch_size: int = 256
