@@ -28,6 +28,7 @@ from anneal_geo.retrieval.geoindex import (
     INDEX_FILE,
     META_FILE,
     RESULT_COLUMNS,
+    SESSION_EMBEDDINGS_FILE,
     GeoIndex,
     build_index,
     export_results,
@@ -253,6 +254,41 @@ class GreennessAnnotator(Annotator):
             yield int(abs(ndvi[i] - ndvi[j]) < 0.05)
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_an_index_fills_from_a_saved_file_in_blocks(index, tmp_path, monkeypatch, kind) -> None:
+    import anneal_geo.retrieval.geoindex as geoindex
+
+    monkeypatch.setattr(geoindex, "_ADD_BLOCK", 100)  # three blocks of the 256 patches
+    vectors = index.vectors(np.arange(len(index)))
+    saved = tmp_path / "emb.npy"
+    np.save(saved, vectors)
+    embedder = index.meta["embedder"]
+    built = GeoIndex.build(saved, index.pool, embedder=embedder, kind=kind)
+    assert len(built) == len(index) and built.kind == kind
+    np.testing.assert_array_equal(built.vectors(np.arange(len(index))), vectors)
+    for pid in (0, 37, 200, len(index) - 1):
+        assert (
+            built.query_patch(pid, k=10)["patch_id"].tolist()
+            == index.query_patch(pid, k=10)["patch_id"].tolist()
+        )
+    # A damaged file is named, never indexed in part.
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(saved.read_bytes()[: -4 * vectors.shape[1] * 3])
+    with pytest.raises(DataError) as exc:
+        GeoIndex.build(cut, index.pool, embedder=embedder, kind=kind)
+    assert str(cut) in one_line(exc) and "ends before its" in one_line(exc)
+    np.save(tmp_path / "wide.npy", vectors.astype(np.float64))
+    with pytest.raises(DataError) as exc:
+        GeoIndex.build(tmp_path / "wide.npy", index.pool, embedder=embedder, kind=kind)
+    assert "float64" in one_line(exc) and "float32" in one_line(exc)
+    bad = vectors.copy()
+    bad[250, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(DataError) as exc:
+        GeoIndex.build(tmp_path / "nan.npy", index.pool, embedder=embedder, kind=kind)
+    assert "nan.npy" in one_line(exc) and "NaN" in one_line(exc)
+
+
 def test_a_session_index_uses_the_session_embeddings(pool_dir, tmp_path) -> None:
     plugins.register(GreennessAnnotator, name="greenness")
     try:
@@ -272,6 +308,7 @@ def test_a_session_index_uses_the_session_embeddings(pool_dir, tmp_path) -> None
             embeddings = engine.embeddings
         built = build_index(session.directory)
         assert built.path == session.directory and (session.directory / INDEX_FILE).is_file()
+        assert not (session.directory / SESSION_EMBEDDINGS_FILE).exists()  # filled from it
         assert built.meta["embedder"] == {
             "kind": "session",
             "session": str(session.directory.resolve()),

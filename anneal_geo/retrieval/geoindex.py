@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,48 @@ def _session_engine(session_dir: Path, pool: PatchPool, lock: Any = None) -> Any
     return Engine(session, pool, progress=False, lock=lock)
 
 
+def _npy_blocks(path: Path, rows: int) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
+    """The (N, D) shape of a saved ``.npy`` matrix and its rows, ``rows`` at a time.
+
+    Plain reads, not a memory map: the pages of a mapped file count as the process's own
+    memory while they stay mapped."""
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read as a .npy array ({exc}); embed again") from exc
+    if len(shape) != 2 or fortran or dtype != np.float32:
+        raise DataError(
+            f"{path} holds {shape} {dtype}{' (Fortran order)' if fortran else ''}; "
+            "expected an (N, D) float32 matrix"
+        )
+    n, dim = int(shape[0]), int(shape[1])
+
+    def read() -> Iterator[np.ndarray]:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            for start in range(0, n, rows):
+                count = min(rows, n - start)
+                block = np.fromfile(handle, dtype=np.float32, count=count * dim)
+                if block.size != count * dim:
+                    raise DataError(f"{path} ends before its {n} rows; embed again")
+                yield block.reshape(count, dim)
+
+    return (n, dim), read()
+
+
+#: Rows added to an index at a time when it is filled from a saved embeddings file.
+_ADD_BLOCK = 65_536
+#: Where ``build_index`` keeps a session's embeddings while it fills the index (removed
+#: after; a copy left by an interrupted build is written over by the next).
+SESSION_EMBEDDINGS_FILE = "index_embeddings.partial.npy"
+
+
 def _session_embeddings(
     session_dir: Path, lock: Any
 ) -> tuple[np.ndarray, dict[str, Any], PatchPool]:
@@ -214,7 +257,7 @@ class GeoIndex:
     @classmethod
     def build(
         cls,
-        embeddings: np.ndarray,
+        embeddings: np.ndarray | str | Path,
         pool: PatchPool,
         *,
         embedder: dict[str, Any],
@@ -224,7 +267,10 @@ class GeoIndex:
         """Index ``embeddings`` (row i = pool patch i).
 
         Args:
-            embeddings: (N, D) float embeddings, N = ``len(pool)``.
+            embeddings: (N, D) float embeddings, N = ``len(pool)``; or the path of a saved
+                ``.npy`` of them, which is read and added :data:`_ADD_BLOCK` rows at a time
+                into an index whose storage is reserved first, so the embeddings are
+                never held twice (1.5 GB each at a million 376-d rows).
             pool: the pool they embed.
             embedder: how a query image is embedded (``{"kind": "spectral", ...}`` from
                 :func:`spectral_embeddings`, or ``{"kind": "session", "session": DIR}``).
@@ -235,17 +281,21 @@ class GeoIndex:
 
         from anneal_geo.retrieval.index import _as_matrix
 
-        vectors = _as_matrix(embeddings, "embeddings")
-        if vectors.shape[0] != len(pool):
+        blocks: Iterator[np.ndarray]
+        if isinstance(embeddings, (str, Path)):
+            (n, dim), blocks = _npy_blocks(Path(embeddings), _ADD_BLOCK)
+            what = str(embeddings)
+        else:
+            vectors = _as_matrix(embeddings, "embeddings")
+            (n, dim), blocks, what = vectors.shape, iter([vectors]), "embeddings"
+        if n != len(pool):
             raise DataError(
-                f"{vectors.shape[0]} embeddings for a pool of {len(pool)} patches; embed every "
-                "patch of the pool"
+                f"{n} embeddings for a pool of {len(pool)} patches; embed every patch of the pool"
             )
         if kind not in ("auto", "flat", "hnsw"):
             raise ConfigError(f"index kind {kind!r} is unknown; use auto, flat or hnsw")
         if kind == "auto":
             kind = "hnsw" if len(pool) >= hnsw_threshold else "flat"
-        n, dim = vectors.shape
         hnsw: dict[str, int] | None = None
         index: Any
         if kind == "flat":
@@ -259,7 +309,14 @@ class GeoIndex:
             index = faiss.IndexHNSWFlat(dim, HNSW_M)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             index.hnsw.efSearch = HNSW_EF_SEARCH
-        index.add(vectors)
+        if isinstance(embeddings, (str, Path)):
+            # Room for every row at once: growing the storage block by block would copy it
+            # each time it doubles, holding it twice at the end.
+            storage: Any = index if kind == "flat" else faiss.downcast_index(index.storage)
+            storage.codes.resize(n * dim * 4)
+            storage.codes.resize(0)  # the capacity stays
+        for block in blocks:
+            index.add(_as_matrix(block, what))
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -820,7 +877,20 @@ def build_index(
         # Building a session's index writes into the session: one writer at a time.
         with SessionLock(source, "anneal-geo index") as lock:
             embeddings, embedder, pool = _session_embeddings(source, lock)
-            index = GeoIndex.build(embeddings, pool, embedder=embedder, kind=kind)
+            # The embeddings go to disk and are let go before the index is filled from
+            # there: faiss keeps its own copy of every row.
+            saved = source / SESSION_EMBEDDINGS_FILE
+            try:
+                np.save(saved, embeddings)
+                del embeddings
+                release_free_memory()
+                index = GeoIndex.build(saved, pool, embedder=embedder, kind=kind)
+            except OSError as exc:
+                raise DataError(
+                    f"cannot write {saved} ({exc}); free some disk space in the session folder"
+                ) from exc
+            finally:
+                saved.unlink(missing_ok=True)
             index.save(source if out is None else out)
         return index
     if (source / POOL_FILE).is_file():
