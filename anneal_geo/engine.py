@@ -696,15 +696,19 @@ class Engine:
         return np.asarray(out, dtype=np.float32)
 
     def _initial_embeddings(self) -> np.ndarray:
-        embeddings = self._embed()
-        if self.config.train_mode == "head":
-            # With mix > 0 the embedding holds the normalised features: the trainer reads
-            # them from there and drops its own copy (1 GB at a million patches).
-            self.trainer.share_features(embeddings)
-            # The features are cached: the tiles are not read again until someone looks at
-            # a patch, so let go of their open files and the blocks GDAL keeps for them.
-            self.pool.close_files()
-            release_free_memory()
+        if self.config.train_mode != "head":
+            return self._embed()
+        # With mix > 0 the embedding holds the normalised features: the trainer writes it,
+        # then reads the features from there and drops its own copy (1 GB at a million
+        # patches); otherwise (mix = 0) the head embeds the features it keeps.
+        model = self.trainer.model
+        embeddings = np.empty((len(self.pool), model.embedding_dim), dtype=np.float32)
+        if not self.trainer.share_features(embeddings):
+            embeddings = self._embed(reuse=embeddings)
+        # The features are cached: the tiles are not read again until someone looks at a
+        # patch, so let go of their open files and the blocks GDAL keeps for them.
+        self.pool.close_files()
+        release_free_memory()
         return embeddings
 
     # -- state -----------------------------------------------------------------------------

@@ -95,7 +95,9 @@ class SharedFeatures:
         return len(self.embeddings)
 
     def __getitem__(self, ids: Any) -> np.ndarray:
-        block = np.array(self.embeddings[ids, self.start :], dtype=np.float32)
+        block = self.embeddings[ids, self.start :]
+        if np.may_share_memory(block, self.embeddings):  # a slice's view: never write there
+            block = block.copy()
         length = np.linalg.norm(block, axis=-1, keepdims=True)
         scale = np.asarray(self.norms[ids], dtype=np.float32)[..., None] / np.maximum(
             length, np.float32(1e-30)
@@ -327,7 +329,8 @@ class Trainer:
 
         Needs head mode, ``mix > 0``, the CPU and an (N, D) C-contiguous float32 array
         (``D = embedding_dim``); otherwise nothing changes and False is returned.
-        ``embeddings`` is written with this model's embedding of the features: the feature
+        ``embeddings`` (its values are not read: ``np.empty`` will do) is written with this
+        model's embedding of the features: the feature
         columns as ``mix / sqrt(1 + mix**2)`` times the normalised features, then the
         head's columns from the features as read back from them. Every later embedding
         (:meth:`embed`, training, a resumed session) reads the same values back, so a
@@ -355,18 +358,13 @@ class Trainer:
             and embeddings.flags.writeable
         ):
             return False
-        scale = mix / math.sqrt(1.0 + mix * mix)
-        norms = np.empty(len(features), dtype=np.float32)
-        with torch.inference_mode():
-            for first in range(0, len(features), _NORMALISE_BLOCK):
-                rows = slice(first, first + _NORMALISE_BLOCK)
-                block = features[rows]
-                length = torch.linalg.vector_norm(block, dim=1, keepdim=True)
-                norms[rows] = length[:, 0].numpy()
-                unit = block / length.clamp_min(1e-12)
-                embeddings[rows, start:] = (unit * scale).numpy()
+        norms = _write_unit_columns(features, embeddings, start, mix / math.sqrt(1.0 + mix * mix))
         shared = SharedFeatures(embeddings, start, norms)
         self._features = shared
+        # The separate features go before the head's pass: they and its temporaries were
+        # the peak of a million-patch session's set-up.
+        del features
+        release_free_memory()
         self._embed_shared(shared, embeddings)
         return True
 
@@ -858,6 +856,24 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.rounds = int(state["rounds"])
+
+
+def _write_unit_columns(
+    features: torch.Tensor, embeddings: np.ndarray, start: int, scale: float
+) -> np.ndarray:
+    """Write ``scale`` times the L2-normalised ``features`` into the columns ``start:`` of
+    ``embeddings``, a block of rows at a time; return the rows' norms, (N,) float32."""
+    import torch
+
+    norms = np.empty(len(features), dtype=np.float32)
+    with torch.inference_mode():
+        for first in range(0, len(features), _NORMALISE_BLOCK):
+            rows = slice(first, first + _NORMALISE_BLOCK)
+            block = features[rows]
+            length = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+            norms[rows] = length[:, 0].numpy()
+            embeddings[rows, start:] = (block / length.clamp_min(1e-12) * scale).numpy()
+    return norms
 
 
 def _atomic_save(target: Path, write: Callable[[Any], None]) -> None:
