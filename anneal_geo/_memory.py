@@ -8,6 +8,12 @@ about 0.9 GB it no longer uses (measured: 565 MB of 2,154 MB after the features 
 patches). :func:`release_free_memory` asks glibc to give it back (``malloc_trim``); the
 engine calls it after its large, temporary steps. Elsewhere (macOS, Windows, musl) it does
 nothing.
+
+GDAL keeps decoded raster blocks in a cache of its own, by default up to 5 % of the
+machine's memory (1.15 GB on a 23 GB laptop). Reading tiles patch row by patch row reuses a
+few megabytes of blocks at a time, so :func:`cap_gdal_cache` lowers it to
+:data:`GDAL_CACHE_BYTES` before anneal-geo reads tiles, unless ``GDAL_CACHEMAX`` is set in
+the environment (then that value stands).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from typing import Any
 
@@ -41,3 +48,20 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+#: GDAL's block cache while anneal-geo reads tiles (see the module docs). Reading 100,000
+#: patches of a tiles-store pool peaked at 443 MB with it, at 602 MB with GDAL's default,
+#: in the same time.
+GDAL_CACHE_BYTES = 128 * 2**20
+
+
+def cap_gdal_cache() -> None:
+    """Lower GDAL's block cache to :data:`GDAL_CACHE_BYTES` (never raise it), unless the
+    environment sets ``GDAL_CACHEMAX``. Process-wide, like GDAL's own setting."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    if int(get_gdal_config("GDAL_CACHEMAX")) > GDAL_CACHE_BYTES:
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)

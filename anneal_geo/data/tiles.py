@@ -56,7 +56,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from anneal_geo._memory import release_free_memory
+from anneal_geo._memory import cap_gdal_cache, release_free_memory
 from anneal_geo.data.bands import S2_ALL_BANDS, infer_band_names, normalise_band_name
 from anneal_geo.data.sources import GeoRef, natural_key, sha256_file
 from anneal_geo.errors import ConfigError, DataError
@@ -1435,6 +1435,7 @@ def _read_direct(
         if next(reads) % _TRIM_EVERY_READS == 0:  # next() on a count is atomic in CPython
             release_free_memory()
 
+    cap_gdal_cache()  # each strip is read once: GDAL's default cache would only fill up
     workers = min(options["workers"], len(tasks) + len(extra))
     if workers <= 1:
         for task in tasks:

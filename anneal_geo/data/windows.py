@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from anneal_geo._memory import cap_gdal_cache
 from anneal_geo.errors import DataError
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ class TileWindows:
         scenes = self.scene[ids]
         order = np.argsort(scenes, kind="stable")
         cuts = np.flatnonzero(np.diff(scenes[order])) + 1
+        cap_gdal_cache()
         with self._lock, rasterio.Env():
             for group in np.split(order, cuts):
                 self._read_scene(int(scenes[group[0]]), ids[group], group, out)
