@@ -351,3 +351,8 @@ def test_features_are_not_shared_without_mixing(pool: PatchPool) -> None:
     assert mixed.share_features(embeddings) is True  # already shared: unchanged
     np.testing.assert_allclose(embeddings, before, atol=1e-6)  # the same embedding
     np.testing.assert_array_equal(mixed.embed(), embeddings)  # a new array: same values
+    given = np.zeros_like(embeddings)
+    assert mixed.embed(out=given) is given  # an array that fits is written
+    np.testing.assert_array_equal(given, embeddings)
+    wrong = np.zeros((64, 3), dtype=np.float32)
+    assert mixed.embed(out=wrong) is not wrong and not wrong.any()

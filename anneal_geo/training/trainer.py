@@ -330,11 +330,11 @@ class Trainer:
         Needs head mode, ``mix > 0``, the CPU and an (N, D) C-contiguous float32 array
         (``D = embedding_dim``); otherwise nothing changes and False is returned.
         ``embeddings`` (its values are not read: ``np.empty`` will do) is written with this
-        model's embedding of the features: the feature
-        columns as ``mix / sqrt(1 + mix**2)`` times the normalised features, then the
-        head's columns from the features as read back from them. Every later embedding
-        (:meth:`embed`, training, a resumed session) reads the same values back, so a
-        session's embeddings are the same whether it ran on or was resumed.
+        model's embedding of the features: the feature columns as ``mix / sqrt(1 + mix**2)``
+        times the normalised features, then the head's columns from the features as read
+        back from them. Every later embedding (:meth:`embed`, training, a resumed session)
+        reads the same values back, so a session's embeddings are the same whether it ran
+        on or was resumed.
         """
         import torch
 
@@ -713,12 +713,21 @@ class Trainer:
 
     def _embed_shared(self, shared: SharedFeatures, out: np.ndarray | None) -> np.ndarray:
         """:meth:`embed` from shared features: the head's columns are computed, the feature
-        columns are the shared embedding's (copied when ``out`` is another array)."""
+        columns are the shared embedding's (copied when ``out`` is another array; one that
+        does not fit is not written, a new one is returned)."""
         import torch
 
         emb = shared.embeddings
-        if out is not emb:
+        fits = (
+            isinstance(out, np.ndarray)
+            and out.shape == emb.shape
+            and out.dtype == np.float32
+            and out.flags.writeable
+            and (out is emb or not np.may_share_memory(out, emb))
+        )
+        if not fits:
             out = np.empty(emb.shape, dtype=np.float32)
+        assert out is not None
         head = shared.start
         self.model.eval()
         with torch.inference_mode():
