@@ -56,9 +56,11 @@ def release_free_memory() -> bool:
 GDAL_CACHE_BYTES = 128 * 2**20
 
 
+@functools.cache
 def cap_gdal_cache() -> None:
     """Lower GDAL's block cache to :data:`GDAL_CACHE_BYTES` (never raise it), unless the
-    environment sets ``GDAL_CACHEMAX``. Process-wide, like GDAL's own setting."""
+    environment sets ``GDAL_CACHEMAX``. Process-wide, like GDAL's own setting, and done
+    once: every tile read calls it, and later calls return at once."""
     if "GDAL_CACHEMAX" in os.environ:
         return
     from rasterio.env import get_gdal_config, set_gdal_config

@@ -322,12 +322,14 @@ class FeatureRows(Protocol):
     def __getitem__(self, ids: Any, /) -> Any: ...
 
 
-def _answered_rows(features: FeatureRows, prs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The float64 feature rows of the patches in ``prs`` (sorted by id) and ``prs`` as
-    indices into them: only the answered patches' rows are read, never all n."""
+def _answered_rows(
+    features: FeatureRows, prs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patches in ``prs`` (sorted ids), their float64 feature rows, and ``prs`` as
+    indices into those rows: only the answered patches' rows are read, never all n."""
     ids = np.unique(prs)
     rows = np.asarray(features[ids], dtype=np.float64).reshape(len(ids), -1)
-    return rows, np.searchsorted(ids, prs)
+    return ids, rows, np.searchsorted(ids, prs)
 
 
 def suspect_answers(
@@ -361,7 +363,7 @@ def suspect_answers(
     gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
     suspect = np.zeros(lab.size, dtype=bool)
     if features is not None:
-        f, local = _answered_rows(features, prs)
+        _, f, local = _answered_rows(features, prs)
         dist = np.linalg.norm(f[local[:, 0]] - f[local[:, 1]], axis=1)
     else:
         dist = np.zeros(lab.size)
@@ -576,8 +578,7 @@ def weak_links(
     lab = np.asarray(labels).reshape(-1)
     gone = np.zeros(lab.size, dtype=bool) if left_out is None else np.array(left_out, bool)
     suspect = np.zeros(lab.size, dtype=bool)
-    f, at = _answered_rows(features, prs)
-    answered = np.unique(prs)
+    answered, f, at = _answered_rows(features, prs)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     dist = np.linalg.norm(f[at[:, 0]] - f[at[:, 1]], axis=1)
     live = ~gone

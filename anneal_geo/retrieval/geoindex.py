@@ -881,14 +881,16 @@ def build_index(
             # there: faiss keeps its own copy of every row.
             saved = source / SESSION_EMBEDDINGS_FILE
             try:
-                np.save(saved, embeddings)
+                try:
+                    np.save(saved, embeddings)
+                except OSError as exc:
+                    raise DataError(
+                        f"cannot write {saved} ({exc}); free some disk space in the session "
+                        "folder"
+                    ) from exc
                 del embeddings
                 release_free_memory()
                 index = GeoIndex.build(saved, pool, embedder=embedder, kind=kind)
-            except OSError as exc:
-                raise DataError(
-                    f"cannot write {saved} ({exc}); free some disk space in the session folder"
-                ) from exc
             finally:
                 saved.unlink(missing_ok=True)
             index.save(source if out is None else out)

@@ -87,10 +87,6 @@ class SharedFeatures:
     def shape(self) -> tuple[int, int]:
         return (len(self.embeddings), int(self.embeddings.shape[1]) - self.start)
 
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.float32)
-
     def __len__(self) -> int:
         return len(self.embeddings)
 
