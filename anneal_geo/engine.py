@@ -771,13 +771,18 @@ class Engine:
         labelled = self.labelled()
         self.estimator.checked_fit(self.embeddings, labelled.pairs, labelled.labels)
         exclude = np.concatenate([labelled.pairs, queried]) if len(queried) else labelled.pairs
+        # repair = confirm: a join of two groups waits for a second answer across them; ask
+        # those checks first (the largest joins first), in at most half of the round.
+        checks = labelled.checks[: count // 2]
+        if len(checks):
+            exclude = np.concatenate([exclude, checks])
         pairs, stats = select_pairs(
             self.embeddings,
             self.archive_ids,
             exclude,
             self.estimator,
             self.selector,
-            count,
+            count - len(checks),
             rng,
             candidates=cfg.candidates,
             knn_k=cfg.knn_k,
@@ -785,6 +790,9 @@ class Engine:
             shortlist_factor=cfg.shortlist_factor,
         )
         # What the fit found, kept with the round's pairs so a resumed round records it too.
+        if len(checks):
+            pairs = np.concatenate([checks, pairs])
+            stats["check_pairs"] = len(checks)
         threshold = getattr(self.estimator, "threshold_", None)
         if threshold is not None:
             stats["threshold"] = round(float(threshold), 5)

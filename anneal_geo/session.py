@@ -94,9 +94,12 @@ class SessionConfig:
         repair: how the closure treats answers that may be wrong (METHOD.md 3.7): ``none``
             (default: a contradicted component implies nothing), ``cut`` (the answers most
             likely wrong in a contradiction are left out of training as suspects and the rest
-            keeps implying) or ``split`` (``cut``, and also a "similar" joining two groups
+            keeps implying), ``split`` (``cut``, and also a "similar" joining two groups
             whose trunk features lie, as groups, beyond the distance that separates the
-            answers; for a person who errs, see the README). Stored answers never change.
+            answers) or ``confirm`` (two groups join only when a second answer across them
+            agrees, a check pair the next round asks first, the answers across two groups
+            being a vote; then ``cut``); for a person who errs, see the README. Stored
+            answers never change.
         trim_loss: from the second round on, each training batch leaves out this share of its
             similar and of its dissimilar pairs with the largest loss (small-loss selection);
             0 (default) trains on every pair.
@@ -208,7 +211,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "candidates": ("auto", "exhaustive", "knn", "uniform"),
     "train_mode": ("head", "full"),
     "transitivity": ("full", "similar", "none"),
-    "repair": ("cut", "split", "none"),
+    "repair": ("cut", "split", "confirm", "none"),
 }
 
 

@@ -374,12 +374,13 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
 def noise_settings(method: str, settings: dict[str, Any], args: argparse.Namespace) -> dict:
     """``settings`` with ``repair`` and ``trim_loss`` for the pair methods they affect: the
     flipped ones always; the others only when the values change what consistent answers
-    give (``repair=split`` or ``trim_loss`` > 0), so that their cached cells stay valid."""
+    give (``repair=split`` or ``confirm``, or ``trim_loss`` > 0), so that their cached cells
+    stay valid."""
     if method not in METHODS:
         return settings
     repair = settings.get("repair", args.repair)
     trim_loss = settings.get("trim_loss", args.trim_loss)
-    if METHODS[method].get("noise") or repair == "split" or trim_loss:
+    if METHODS[method].get("noise") or repair in ("split", "confirm") or trim_loss:
         return {"repair": repair, "trim_loss": trim_loss, **settings}
     return settings
 
@@ -532,7 +533,7 @@ def main() -> None:
     parser.add_argument("--pair-budget", type=int, default=DEFAULTS.pair_budget)
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--transitivity", default=DEFAULTS.transitivity)
-    parser.add_argument("--repair", default=DEFAULTS.repair, help="none, cut or split")
+    parser.add_argument("--repair", default=DEFAULTS.repair, help="none, cut, split or confirm")
     parser.add_argument("--trim-loss", type=float, default=DEFAULTS.trim_loss)
     parser.add_argument("--cnn-rounds", type=int, default=20, help="rounds of the small CNN")
     parser.add_argument("--split-seed", type=int, default=0)

@@ -226,3 +226,140 @@ def test_trimmed_contrastive_loss_leaves_out_the_worst_pairs() -> None:
     trimmed = _trimmed_contrastive_loss(a, b, y, 1.4, 0.5)
     assert float(full) > 0.5 and float(trimmed) == pytest.approx(0.0, abs=1e-6)
     assert float(_trimmed_contrastive_loss(a, b, y, 1.4, 0.0)) == pytest.approx(float(full))
+
+
+# -- repair = confirm: two groups join only on two agreeing answers ------------------------
+
+
+def test_confirm_joins_two_groups_only_on_a_second_answer() -> None:
+    first = [(0, 1), (2, 3), (1, 2)]
+    c = run(first, [1, 1, 1], n=6, repair="confirm")
+    got = as_dict(c)
+    # (1, 2) stays an answer but joins nothing: no cross pair of {0, 1} x {2, 3} is implied.
+    assert got == {(0, 1): (1, False), (2, 3): (1, False), (1, 2): (1, False)}
+    assert c.suspects == []
+    # Its check: one unasked pair across the two groups.
+    assert len(c.checks) == 1
+    i, j = c.checks[0].tolist()
+    assert i in (0, 1) and j in (2, 3) and (i, j) not in got
+    agreed = run([*first, (i, j)], [1, 1, 1, 1], n=6, repair="confirm")
+    assert agreed.checks.shape == (0, 2)
+    assert as_dict(agreed) == {
+        (a, b): (1, (a, b) not in [*first, (i, j)]) for a in range(4) for b in range(a + 1, 4)
+    }
+
+
+def test_confirm_leaves_outvoted_and_tied_answers_out() -> None:
+    tied = run([(0, 1), (2, 3), (1, 2), (0, 3)], [1, 1, 1, 0], n=6, repair="confirm")
+    assert sorted(tied.suspects) == [(0, 3), (1, 2)]
+    assert as_dict(tied) == {(0, 1): (1, False), (2, 3): (1, False)}
+    assert tied.checks.tolist() == [[1, 3]]  # the one cross pair not asked yet: a third vote
+    parted = run([(0, 1), (2, 3), (1, 2), (0, 3), (1, 3)], [1, 1, 1, 0, 0], n=6, repair="confirm")
+    assert parted.suspects == [(1, 2)] and parted.checks.shape == (0, 2)
+    got = as_dict(parted)
+    assert got[(0, 2)] == (0, True) and got[(0, 3)] == (0, False) and got[(1, 3)] == (0, False)
+    # One "dissimilar" alone between two groups parts them, as without confirm.
+    lone = run([(0, 1), (2, 3), (1, 2)], [1, 1, 0], repair="confirm")
+    assert lone.n_implied == 3 and bool(np.all(lone.labels[lone.implied] == 0))
+    # The same answers without confirm: one contradicted group, cut apart the other way.
+    assert run([(0, 1), (2, 3), (1, 2), (0, 3)], [1, 1, 1, 0], repair="none").n_implied == 0
+
+
+def test_confirm_joins_single_patches_at_once_and_votes_add_up_when_groups_join() -> None:
+    # Single patches meet at once: {0, 1}, {2, 3}, {4, 5}. (1, 2) waits; (3, 4) and (2, 5)
+    # join {2, 3} and {4, 5}; the waiting (1, 2) now lies between {0, 1} and {2, 3, 4, 5},
+    # where (0, 5) agrees with it: one group of six.
+    pairs = [(0, 1), (2, 3), (4, 5), (1, 2), (3, 4), (2, 5), (0, 5)]
+    c = run(pairs, [1] * 7, n=8, repair="confirm")
+    assert c.suspects == [] and c.checks.shape == (0, 2)
+    assert len(c) == 15 and bool(np.all(c.labels == 1))
+    waiting = run(pairs[:6], [1] * 6, n=8, repair="confirm")
+    assert len(waiting) == 1 + 6 + 1  # {0, 1}, the four, and the waiting answer
+    assert waiting.checks.shape == (1, 2)
+    i, j = waiting.checks[0].tolist()
+    assert i == 0 and j in (3, 4, 5)  # the other patch of {0, 1}, one of the four but 2
+
+
+def test_confirm_with_consistent_answers_implies_only_what_the_plain_closure_does(
+    ms_labels,
+) -> None:
+    rng = np.random.default_rng(3)
+    n = len(ms_labels)
+    pairs = rng.integers(0, n, size=(600, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    labels = (ms_labels[pairs[:, 0]] == ms_labels[pairs[:, 1]]).astype(np.int8)
+    plain = as_dict(closure(pairs, labels, n=n))
+    confirmed = closure(pairs, labels, n=n, repair="confirm")
+    assert confirmed.suspects == [] and 0 < confirmed.n_implied < len(plain) - 600
+    assert all(plain[k] == v for k, v in as_dict(confirmed).items())
+    # Every check crosses two groups with the same class (consistent answers), unasked.
+    asked = {tuple(p) for p in np.sort(pairs, axis=1).tolist()}
+    assert len(confirmed.checks) > 0
+    for i, j in confirmed.checks.tolist():
+        assert i < j and (i, j) not in asked and ms_labels[i] == ms_labels[j]
+
+
+def _noisy_session(labels: np.ndarray, repair: str, rounds: int, seed: int) -> Closure:
+    """Rounds of 40 unlabelled pairs, about 40 % of them similar (plus the closure's checks,
+    first), answered by an expert who flips 10 % of the answers; the closure of it all."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    pairs = np.empty((0, 2), dtype=np.int64)
+    answers = np.empty(0, dtype=np.int8)
+    c = closure(pairs, answers, n=n, repair=repair)
+    for _ in range(rounds):
+        known = {tuple(p) for p in c.pairs.tolist()} | {tuple(p) for p in pairs.tolist()}
+        new = [tuple(p) for p in c.checks[:20].tolist()]
+        while len(new) < 40 + len(c.checks[:20]):
+            # About 40 % of the pairs similar, as the selection asks them.
+            i = int(rng.integers(n))
+            same = labels == labels[i] if rng.random() < 0.4 else labels != labels[i]
+            i, j = sorted((i, int(rng.choice(np.flatnonzero(same)))))
+            if i != j and (i, j) not in known and (i, j) not in new:
+                new.append((i, j))
+        ask = np.array(new, dtype=np.int64)
+        truth = (labels[ask[:, 0]] == labels[ask[:, 1]]).astype(np.int8)
+        flip = rng.random(len(truth)) < 0.1
+        pairs = np.concatenate([pairs, ask])
+        answers = np.concatenate([answers, np.where(flip, 1 - truth, truth).astype(np.int8)])
+        c = closure(pairs, answers, n=n, repair=repair)
+    return c
+
+
+def test_confirm_implies_fewer_wrong_similar_pairs_from_a_person_who_errs(ms_labels) -> None:
+    """The same expert, who flips 10 % of the answers, over 20 rounds on the real classes:
+    with confirm, far fewer of the similar pairs the closure implies are wrong than with
+    cut, where one wrong "similar" joins two whole groups."""
+    shares = {}
+    for repair in ("cut", "confirm"):
+        c = _noisy_session(ms_labels, repair, 20, seed=4)
+        similar = c.implied & (c.labels == 1)
+        assert similar.sum() > 50
+        truth = ms_labels[c.pairs[similar, 0]] == ms_labels[c.pairs[similar, 1]]
+        shares[repair] = 1.0 - truth.mean()
+    assert shares["confirm"] < 0.75 * shares["cut"], shares
+
+
+def test_engine_asks_the_checks_of_waiting_joins_first(ms_pool, tmp_path) -> None:
+    pool, pool_dir = ms_pool
+    config = SessionConfig(
+        data=str(pool_dir), rounds=1, budget=30, initial=60, epochs=3, seed=5, repair="confirm"
+    )
+    session = Session.create(tmp_path / "session", config, {"pool_dir": str(pool_dir)})
+    with Engine(session, pool, progress=False) as engine:
+        engine.step()
+        before = engine.labelled()
+        checks = before.checks
+        assert len(checks) > 0  # the first round leaves joins of small groups waiting
+        asked = engine.round_pairs()
+        k = min(len(checks), 15)  # at most half of a round
+        assert np.array_equal(asked[:k], checks[:k])
+        assert len(asked) == 30 and len({tuple(p) for p in asked.tolist()}) == 30
+        assert engine.step().record["check_pairs"] == k
+        after = engine.labelled()
+    # The oracle is consistent: every check agrees, so the joins it waited for now imply.
+    labels = pool.single_labels()
+    for i, j in checks[:k].tolist():
+        assert labels[i] == labels[j]
+    implied = {tuple(p) for p in after.pairs[after.implied].tolist()}
+    assert after.suspects == [] and len(implied) > before.n_implied

@@ -193,7 +193,9 @@ def run(
     repair: str = typer.Option(
         _DEFAULTS.repair, help="Answers that may be wrong: none (a contradicted group implies "
         "nothing), cut (leave out the answers a contradiction points at) or split (cut, and "
-        "also a similar answer joining two groups far apart; for a person who errs)."
+        "also a similar answer joining two groups far apart) or confirm (two groups join "
+        "only when a second answer across them agrees: the next round asks a check pair "
+        "first; for a person who errs)."
     ),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
