@@ -385,6 +385,22 @@ def noise_settings(method: str, settings: dict[str, Any], args: argparse.Namespa
     return settings
 
 
+#: Settings only the pair methods read: a bound's or class-label AL's cell stays valid when
+#: they change.
+PAIR_ONLY = ("transitivity",)
+
+
+def same_settings(method: str, done: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a finished cell of ``method`` ran under ``settings`` (as far as it reads them)."""
+    if method in METHODS:
+        return done == settings
+
+    def read(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if k not in PAIR_ONLY}
+
+    return read(done) == read(settings)
+
+
 def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=1))
@@ -605,7 +621,7 @@ def main() -> None:
                 cnn_rounds = args.cnn_rounds if method == CNN else None
                 if (
                     done is not None
-                    and done["settings"] == settings
+                    and same_settings(method, done["settings"], settings)
                     and done.get("cnn_rounds") == cnn_rounds
                 ):
                     continue

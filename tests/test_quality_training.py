@@ -260,13 +260,13 @@ def test_run_command_takes_margin_and_mix(pool_dir: Path, tmp_path: Path) -> Non
     result = CliRunner().invoke(
         app,
         ["run", "--data", str(pool_dir), "--rounds", "0", "--initial", "20", "--epochs", "2",
-         "--margin", "1.0", "--mix", "0.5", "--transitivity", "similar", "--repair", "split",
+         "--margin", "1.0", "--mix", "0.5", "--transitivity", "full", "--repair", "split",
          "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     settings = tomllib.loads((out / "session.toml").read_text())["settings"]
     assert settings["margin"] == 1.0 and settings["mix"] == 0.5  # not the defaults
-    assert settings["transitivity"] == "similar" and settings["repair"] == "split"
+    assert settings["transitivity"] == "full" and settings["repair"] == "split"
     for option, value in (("--mix", "-1"), ("--repair", "maybe")):
         bad = CliRunner().invoke(
             app, ["run", "--data", str(pool_dir), option, value, "--out", str(tmp_path / "bad")]
