@@ -192,7 +192,7 @@ def run(
     ),
     repair: str = typer.Option(
         _DEFAULTS.repair, help="Answers that may be wrong: none (a contradicted group implies "
-        "nothing), cut (leave out the answers a contradiction points at) or split (cut, and "
+        "nothing), cut (leave out the answers a contradiction points at), split (cut, and "
         "also a similar answer joining two groups far apart) or confirm (two groups join "
         "only when a second answer across them agrees: the next round asks a check pair "
         "first; for a person who errs)."
