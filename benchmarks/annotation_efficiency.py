@@ -392,13 +392,10 @@ PAIR_ONLY = ("transitivity",)
 
 def same_settings(method: str, done: dict[str, Any], settings: dict[str, Any]) -> bool:
     """Whether a finished cell of ``method`` ran under ``settings`` (as far as it reads them)."""
-    if method in METHODS:
-        return done == settings
-
-    def read(values: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if k not in PAIR_ONLY}
-
-    return read(done) == read(settings)
+    unread = () if method in METHODS else PAIR_ONLY
+    return {k: v for k, v in done.items() if k not in unread} == {
+        k: v for k, v in settings.items() if k not in unread
+    }
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
