@@ -80,7 +80,10 @@ class SessionConfig:
         far_fraction: random far pairs added to ``knn`` candidates, as a share of the edges.
         shortlist_factor: the short-list holds ``shortlist_factor * budget`` pairs.
         train_mode: ``head`` (trunk features cached, head trained) or ``full``.
-        epochs: training epochs per round.
+        epochs: training epochs per round (passes over the round's pairs, at least 50
+            steps; the head continues from the previous round). 4 scored level with 30 on
+            validation splits of both EuroSAT sets with correct answers and higher with
+            10 % of the answers flipped: fewer steps memorise fewer wrong answers.
         margin: contrastive margin (cosine distances lie in [0, 2]; 1.4 was best of 0.5,
             1.0, 1.4 and 2.0 on validation splits of both EuroSAT sets).
         mix: weight of the L2-normalised frozen trunk features concatenated to the head's
@@ -127,7 +130,7 @@ class SessionConfig:
     far_fraction: float = 0.1
     shortlist_factor: int = 10
     train_mode: str = "head"
-    epochs: int = 30
+    epochs: int = 4
     margin: float = 1.4
     mix: float = 0.25
     pair_budget: int = 4096
