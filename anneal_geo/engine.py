@@ -614,6 +614,7 @@ class Engine:
             mode=cfg.train_mode,  # type: ignore[arg-type]  # validated by SessionConfig
             margin=cfg.margin,
             epochs=cfg.epochs,
+            lr_head=cfg.lr,
             seed=cfg.seed,
             progress=self.progress,
             pair_budget=cfg.pair_budget,

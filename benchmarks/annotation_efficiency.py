@@ -91,6 +91,7 @@ VARIANT_KEYS = {
     "margin": float,
     "mix": float,
     "epochs": int,
+    "lr": float,
     "budget": int,
     "initial": int,
     "pair_budget": int,
@@ -135,6 +136,7 @@ def run_method(
         backbone=_setting(args, "backbone"),
         train_mode=_setting(args, "train_mode"),
         epochs=_setting(args, "epochs"),
+        lr=_setting(args, "lr"),
         margin=_setting(args, "margin"),
         mix=_setting(args, "mix"),
         pair_budget=_setting(args, "pair_budget"),
@@ -361,6 +363,7 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
         "margin": args.margin,
         "mix": args.mix,
         "epochs": args.epochs,
+        "lr": args.lr,
         "budget": args.budget,
         "initial": args.initial,
         "answers": args.answers,
@@ -401,7 +404,7 @@ def baseline_settings(
 
 #: Settings only the pair methods read: a bound's or class-label AL's cell stays valid when
 #: they change.
-PAIR_ONLY = ("transitivity",)
+PAIR_ONLY = ("transitivity", "lr")
 #: Settings a baseline does not read besides those (a change of them does not rerun it).
 UNREAD = {SUPERVISED_CE: ("epochs", "margin", "pair_budget")}
 
@@ -559,6 +562,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=DEFAULTS.margin)
     parser.add_argument("--mix", type=float, default=DEFAULTS.mix)
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="the head's learning rate")
     parser.add_argument(
         "--baseline-epochs",
         type=int,

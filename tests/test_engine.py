@@ -264,3 +264,30 @@ def test_knn_k_follows_pool_size_unless_set():
     assert fixed["knn_k"] == 5 and fixed["n_candidates"] < auto["n_candidates"]
     with pytest.raises(ConfigError, match="knn_k"):
         SessionConfig(knn_k=-1).validate()
+
+
+def test_the_learning_rate_setting_trains_the_head(ms_pool, tmp_path):
+    """``lr`` is the head's Adam step size: it reaches the optimiser, and a larger one moves
+    the head further from the same start in the same steps."""
+    pool, pool_dir = ms_pool
+    moved = {}
+    for lr in (1e-4, 1e-3):
+        session = Session.create(
+            tmp_path / f"lr{lr}",
+            small_config(pool_dir, rounds=0, lr=lr),
+            {"pool_dir": str(pool_dir)},
+        )
+        with Engine(session, pool, progress=False) as engine:
+            start = [p.detach().clone() for p in engine.trainer.model.head.parameters()]
+            engine.run()
+            groups = engine.trainer.optimizer.param_groups
+            assert [g["lr"] for g in groups if g["name"] == "head"] == [lr]
+            after = list(engine.trainer.model.head.parameters())
+            moved[lr] = sum(float((a - b).norm()) for a, b in zip(after, start, strict=True))
+    assert moved[1e-3] > 2 * moved[1e-4] > 0
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, 2.0])
+def test_a_learning_rate_out_of_range_is_refused_by_name(lr):
+    with pytest.raises(ConfigError, match="setting 'lr' must be above 0 and at most 1"):
+        SessionConfig(lr=lr).validate()

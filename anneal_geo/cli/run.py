@@ -179,6 +179,7 @@ def run(
         "head", help="head (cached trunk features) or full fine-tuning."
     ),
     epochs: int = typer.Option(_DEFAULTS.epochs, help="Training epochs per round."),
+    lr: float = typer.Option(_DEFAULTS.lr, help="Learning rate of the head (Adam)."),
     margin: float = typer.Option(
         _DEFAULTS.margin, help="Contrastive loss margin (embedding distances lie in [0, 2])."
     ),
@@ -249,6 +250,7 @@ def run(
         "candidates": candidates,
         "train_mode": train_mode,
         "epochs": epochs,
+        "lr": lr,
         "margin": margin,
         "mix": mix,
         "transitivity": transitivity,
