@@ -97,6 +97,7 @@ VARIANT_KEYS = {
     "pair_budget": int,
     "repair": str,
     "trim_loss": float,
+    "initial_nn_fraction": float,
 }
 
 
@@ -143,6 +144,7 @@ def run_method(
         transitivity=_setting(args, "transitivity"),
         repair=_setting(args, "repair"),
         trim_loss=_setting(args, "trim_loss"),
+        initial_nn_fraction=_setting(args, "initial_nn_fraction"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
@@ -404,7 +406,7 @@ def baseline_settings(
 
 #: Settings only the pair methods read: a bound's or class-label AL's cell stays valid when
 #: they change.
-PAIR_ONLY = ("transitivity", "lr")
+PAIR_ONLY = ("transitivity", "lr", "initial_nn_fraction")
 #: Settings a baseline does not read besides those (a change of them does not rerun it).
 UNREAD = {SUPERVISED_CE: ("epochs", "margin", "pair_budget")}
 
