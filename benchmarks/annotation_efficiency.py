@@ -13,7 +13,9 @@ Methods (each for ``--seeds`` seeds, with the simulated oracle):
   sampling on a cosine-softmax classifier trained with cross-entropy on the same features and
   head, retrieval from the head's embedding (``quality_baselines.py``); it and the
   ``fully supervised`` bound train ``--baseline-epochs`` (30) epochs a round, the pair
-  methods ``--epochs`` (the session default);
+  methods ``--epochs`` (the session default); the ``fully supervised`` and ``small CNN``
+  bounds draw ``--baseline-pair-budget`` (4,096) pairs a round, the pair methods
+  ``--pair-budget`` (the session default);
 - bounds: ``fully supervised`` (the same features, head and contrastive loss on every pair of
   the archive's labels), ``fully supervised (cross-entropy)`` (the classifier on every
   archive label) and ``small CNN end to end`` (the ``smallcnn`` backbone trained end to end
@@ -395,20 +397,28 @@ def noise_settings(method: str, settings: dict[str, Any], args: argparse.Namespa
 def baseline_settings(
     method: str, settings: dict[str, Any], variant: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """``settings`` with the epochs of class-label AL and of the fully supervised bound:
-    ``--baseline-epochs`` unless the variant sets epochs itself. (A bound is trained to
-    convergence, and class-label AL scored 0.002 higher on RGB validation with 30 epochs
-    than with 4, so the baselines keep 30 while the pair methods' default is 4.)"""
+    """``settings`` with the epochs of class-label AL and of the fully supervised bound
+    (``--baseline-epochs`` unless the variant sets epochs itself) and the pair budget of the
+    bounds trained on pairs (``--baseline-pair-budget`` unless the variant sets it). A bound
+    is trained to convergence, and class-label AL scored 0.002 higher on RGB validation with
+    30 epochs than with 4, so the baselines keep 30 epochs and 4,096 pairs a round while the
+    pair methods' defaults are 4 and 2,048."""
+    out = dict(settings)
     if method in (CLASS_LABELS, SUPERVISED) and "epochs" not in variant:
-        return {**settings, "epochs": args.baseline_epochs}
-    return settings
+        out["epochs"] = args.baseline_epochs
+    if method in (SUPERVISED, CNN) and "pair_budget" not in variant:
+        out["pair_budget"] = args.baseline_pair_budget
+    return out
 
 
 #: Settings only the pair methods read: a bound's or class-label AL's cell stays valid when
 #: they change.
 PAIR_ONLY = ("transitivity", "lr", "initial_nn_fraction")
 #: Settings a baseline does not read besides those (a change of them does not rerun it).
-UNREAD = {SUPERVISED_CE: ("epochs", "margin", "pair_budget")}
+UNREAD = {
+    SUPERVISED_CE: ("epochs", "margin", "pair_budget"),
+    CLASS_LABELS: ("margin", "pair_budget"),
+}
 
 
 def same_settings(method: str, done: dict[str, Any], settings: dict[str, Any]) -> bool:
@@ -572,6 +582,12 @@ def main() -> None:
         help="epochs of class-label AL and of the fully supervised bound",
     )
     parser.add_argument("--pair-budget", type=int, default=DEFAULTS.pair_budget)
+    parser.add_argument(
+        "--baseline-pair-budget",
+        type=int,
+        default=4096,
+        help="pairs a round of the fully supervised and small CNN bounds",
+    )
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--transitivity", default=DEFAULTS.transitivity)
     parser.add_argument("--repair", default=DEFAULTS.repair, help="none, cut, split or confirm")

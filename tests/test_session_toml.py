@@ -157,3 +157,13 @@ def test_characters_outside_the_basic_plane_and_unicode_keys_round_trip(tmp_path
     session = Session.create(tmp_path / "s", config)
     reopened = Session.open(session.directory)
     assert reopened.config == config
+
+
+def test_a_session_written_with_an_earlier_default_keeps_it(tmp_path: Path) -> None:
+    # A session created when 4,096 pairs a round was the default stores that value and
+    # trains on it after the default became 2,048; so does any value set by hand.
+    assert SessionConfig().pair_budget == 2048
+    earlier = Session.create(tmp_path / "earlier", replace(CONFIG, pair_budget=4096), META)
+    text = (earlier.directory / "session.toml").read_text(encoding="utf-8")
+    assert "pair_budget = 4096" in text
+    assert Session.open(earlier.directory).config.pair_budget == 4096

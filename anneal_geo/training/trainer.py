@@ -58,10 +58,10 @@ _DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"epochs": 20, "batch_pairs": 256, "min_steps": 50, "max_steps": 2000},
     "full": {"epochs": 5, "batch_pairs": 64, "min_steps": 20, "max_steps": 300},
 }
-#: Most labelled pairs one round trains on (see ``pair_budget``): with the default epochs and
-#: batch a round at 2,000 answers on a 4,000-patch pool (hundreds of thousands of implied
-#: pairs) takes a few seconds of head training on one CPU thread.
-DEFAULT_PAIR_BUDGET = 4096
+#: Most labelled pairs one round trains on (see ``pair_budget``; the session default): with
+#: the default epochs and batch a round at 2,000 answers on a 4,000-patch pool (hundreds of
+#: thousands of implied pairs) takes well under a second of head training on one CPU thread.
+DEFAULT_PAIR_BUDGET = 2048
 
 
 class SharedFeatures:
@@ -213,7 +213,7 @@ class Trainer:
         seed: seed of the trainer's generator (pair sampling, augmentation).
         device: torch device, ``"cpu"`` by default.
         progress: show tqdm bars while embedding (None: only on a terminal).
-        pair_budget: most labelled pairs a round trains on (default 4,096; 0 = every
+        pair_budget: most labelled pairs a round trains on (default 2,048; 0 = every
             pair). When the labelled set is larger, each round keeps every queried pair
             (``implied`` False in :meth:`train_round`) and draws the rest afresh from the
             implied pairs, as many similar as dissimilar where both are there, so the steps
