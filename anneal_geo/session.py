@@ -95,9 +95,10 @@ class SessionConfig:
         pair_budget: most labelled pairs a round trains on (every queried pair, the rest
             sampled from the implied ones, class-balanced; 0 = every pair). 2,048 was chosen
             on validation from 512, 1,024, 2,048, 3,072 and 4,096 (the earlier value): level
-            with 4,096 with correct answers on both EuroSAT sets, and higher with 10 % of the
-            answers flipped, as fewer of the implied pairs, which a wrong "similar" answer
-            multiplies, are trained on late in a session.
+            with 4,096 with correct answers on both EuroSAT sets, and higher on EuroSAT-RGB
+            with 10 % of the answers flipped (level on MS), as late in a session fewer of the
+            implied pairs, which a wrong "similar" answer multiplies, are trained on, in fewer
+            steps.
         transitivity: what the answers imply (METHOD.md 3.7): ``full`` (similar components
             and dissimilar cross blocks), ``similar`` (default: the components' similar pairs
             only; on the validation splits of both EuroSAT sets it matched ``full`` with
