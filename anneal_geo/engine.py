@@ -407,6 +407,116 @@ def initial_pairs(
     return pairs.astype(np.int64), is_nn
 
 
+#: Rows of the embedding assigned to the initial set's groups at a time.
+_INITIAL_CHUNK = 65_536
+
+
+def cluster_initial_pairs(
+    embeddings: np.ndarray,
+    archive_ids: np.ndarray,
+    count: int,
+    rng: np.random.Generator,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The initial set spread over the archive (``initial_design = "clusters"``).
+
+    The archive's starting embedding is cut into ``count // 2`` groups by k-means (faiss,
+    trained on a seeded sample of at most 256 rows a group, then every row assigned in
+    chunks, so memory does not grow with the archive). Per group, its medoid (the member
+    nearest its centroid) is paired with a random other member, mostly similar but not the
+    nearest neighbour the frozen features already rank first, and with the medoid of the
+    nearest other group, the boundary between the two. Pairs already asked (``exclude``) or
+    repeated are replaced by random pairs.
+
+    Returns:
+        ((count, 2) pairs with i < j, (count,) bool mask: True for the within-group pairs).
+    """
+    import faiss
+
+    from anneal_geo.pairs.candidates import _kmeans_centroids, pair_keys
+
+    ids = np.asarray(archive_ids, dtype=np.int64)
+    total = len(ids) * (len(ids) - 1) // 2
+    if count > total:
+        raise ConfigError(
+            f"setting 'initial' asks {count} pairs but the archive of {len(ids)} patches has "
+            f"only {total}; lower --initial"
+        )
+    n = int(embeddings.shape[0])
+    k = max(1, min(count // 2, len(ids) // 2))
+    per_cell = 256
+    sample = ids if len(ids) <= k * per_cell else np.sort(rng.choice(ids, k * per_cell, False))
+    seed = int(rng.integers(0, 2**31 - 1))
+    rows = np.ascontiguousarray(embeddings[sample], dtype=np.float32)
+    centroids = _kmeans_centroids(rows, k, seed, per_cell)
+    k = len(centroids)
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    best = np.full(k, np.inf)
+    medoid = np.full(k, -1, dtype=np.int64)
+    # Two random members of each group: the two highest random priorities seen.
+    top_u = np.full((k, 2), -1.0)
+    top_id = np.full((k, 2), -1, dtype=np.int64)
+    for lo in range(0, len(ids), _INITIAL_CHUNK):
+        chunk = ids[lo : lo + _INITIAL_CHUNK]
+        dist, group = index.search(np.ascontiguousarray(embeddings[chunk], dtype=np.float32), 1)
+        dist, group = dist[:, 0].astype(np.float64), group[:, 0].astype(np.int64)
+        by_dist = np.lexsort((dist, group))  # by group, then distance
+        starts = np.flatnonzero(np.r_[True, group[by_dist][1:] != group[by_dist][:-1]])
+        first = by_dist[starts]
+        closer = dist[first] < best[group[first]]
+        best[group[first][closer]] = dist[first][closer]
+        medoid[group[first][closer]] = chunk[first][closer]
+        u = rng.random(len(chunk))
+        by_u = np.lexsort((-u, group))  # by group, highest priority first
+        g_sorted = group[by_u]
+        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+        ends = np.r_[starts[1:], len(g_sorted)]
+        cand_u = np.full((k, 2), -1.0)
+        cand_id = np.full((k, 2), -1, dtype=np.int64)
+        for slot in (0, 1):
+            has = starts + slot < ends
+            at = by_u[starts[has] + slot]
+            cand_u[group[at], slot] = u[at]
+            cand_id[group[at], slot] = chunk[at]
+        both_u = np.concatenate([top_u, cand_u], axis=1)
+        both_id = np.concatenate([top_id, cand_id], axis=1)
+        keep = np.argsort(-both_u, axis=1)[:, :2]
+        top_u = np.take_along_axis(both_u, keep, axis=1)
+        top_id = np.take_along_axis(both_id, keep, axis=1)
+    taken: set[int] = set()
+    if exclude is not None and len(exclude):
+        taken.update(pair_keys(np.sort(np.asarray(exclude, dtype=np.int64), axis=1), n).tolist())
+    chosen: list[tuple[int, int]] = []
+    within: list[bool] = []
+
+    def add(a: int, b: int, inside: bool) -> bool:
+        if a == b or a < 0 or b < 0 or len(chosen) >= count:
+            return False
+        i, j = (a, b) if a < b else (b, a)
+        if i * n + j in taken:
+            return False
+        taken.add(i * n + j)
+        chosen.append((i, j))
+        within.append(inside)
+        return True
+
+    live = np.flatnonzero(medoid >= 0)
+    apart = ((centroids[live, None, :] - centroids[None, live, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(apart, np.inf)
+    for row, c in enumerate(live):
+        m = int(medoid[c])
+        member = int(top_id[c, 0]) if top_id[c, 0] != m else int(top_id[c, 1])
+        add(m, member, True)
+        for other in np.argsort(apart[row])[: len(live) - 1]:
+            if add(m, int(medoid[live[other]]), False):
+                break
+    while len(chosen) < count:
+        a, b = rng.choice(ids, size=2, replace=False)
+        add(int(a), int(b), False)
+    return np.asarray(chosen, dtype=np.int64).reshape(-1, 2), np.asarray(within, dtype=bool)
+
+
 class Engine:
     """Runs ANNEAL rounds on a session.
 
@@ -759,6 +869,11 @@ class Engine:
     ) -> tuple[np.ndarray, dict]:
         cfg = self.config
         queried = self.store.queried()
+        if round_index == 0 and cfg.initial_design == "clusters":
+            pairs, is_nn = cluster_initial_pairs(
+                self.embeddings, self.archive_ids, count, rng, exclude=queried
+            )
+            return pairs, {"candidates": "initial", "initial_nn_pairs": int(is_nn.sum())}
         if round_index == 0:
             pairs, is_nn = initial_pairs(
                 self.embeddings,

@@ -72,7 +72,14 @@ class SessionConfig:
         rounds: active-learning rounds after the initial set.
         budget: pairs asked per round (b).
         initial: pairs in the initial set (b0).
-        initial_nn_fraction: share of the initial set drawn among nearest-neighbour pairs.
+        initial_nn_fraction: share of the initial set drawn among nearest-neighbour pairs
+            (``initial_design = "random"``).
+        initial_design: how round 0 picks its pairs: ``clusters`` (default: k-means of the
+            starting embedding into ``initial // 2`` groups, each group's medoid paired with
+            a random member and with the nearest other group's medoid; chosen on validation
+            of both EuroSAT sets, level with correct answers and higher with early answers
+            and with 10 % flipped) or ``random`` (random pairs, ``initial_nn_fraction`` of
+            them among nearest neighbours; the earlier behaviour).
         seed: seed of every random source.
         candidates: ``auto``, ``exhaustive`` or ``knn``.
         knn_k: neighbours per patch for ``knn`` candidates; 0 = by pool size (50 up to
@@ -132,6 +139,7 @@ class SessionConfig:
     budget: int = 100
     initial: int = 100
     initial_nn_fraction: float = 0.5
+    initial_design: str = "clusters"
     seed: int = 0
     candidates: str = "auto"
     knn_k: int = 0
@@ -193,6 +201,7 @@ SETTINGS_ADDED_LATER: dict[str, Any] = {
     "repair": "none",
     "trim_loss": 0.0,
     "lr": 1e-3,
+    "initial_design": "random",
 }
 
 
@@ -227,6 +236,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "candidates": ("auto", "exhaustive", "knn", "uniform"),
     "train_mode": ("head", "full"),
     "transitivity": ("full", "similar", "none"),
+    "initial_design": ("clusters", "random"),
     "repair": ("cut", "split", "confirm", "none"),
 }
 

@@ -100,6 +100,7 @@ VARIANT_KEYS = {
     "repair": str,
     "trim_loss": float,
     "initial_nn_fraction": float,
+    "initial_design": str,
 }
 
 
@@ -147,6 +148,7 @@ def run_method(
         repair=_setting(args, "repair"),
         trim_loss=_setting(args, "trim_loss"),
         initial_nn_fraction=_setting(args, "initial_nn_fraction"),
+        initial_design=_setting(args, "initial_design"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
@@ -374,6 +376,7 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
         "pair_budget": args.pair_budget,
         "train_mode": args.train_mode,
         "transitivity": args.transitivity,
+        "initial_design": args.initial_design,
         **variant,
     }
     settings["rounds"] = math.ceil((settings["answers"] - settings["initial"]) / settings["budget"])
@@ -413,7 +416,7 @@ def baseline_settings(
 
 #: Settings only the pair methods read: a bound's or class-label AL's cell stays valid when
 #: they change.
-PAIR_ONLY = ("transitivity", "lr", "initial_nn_fraction")
+PAIR_ONLY = ("transitivity", "lr", "initial_nn_fraction", "initial_design")
 #: Settings a baseline does not read besides those (a change of them does not rerun it).
 UNREAD = {
     SUPERVISED_CE: ("epochs", "margin", "pair_budget"),
@@ -590,6 +593,9 @@ def main() -> None:
     )
     parser.add_argument("--train-mode", default="head")
     parser.add_argument("--transitivity", default=DEFAULTS.transitivity)
+    parser.add_argument(
+        "--initial-design", default=DEFAULTS.initial_design, help="clusters or random (round 0)"
+    )
     parser.add_argument("--repair", default=DEFAULTS.repair, help="none, cut, split or confirm")
     parser.add_argument("--trim-loss", type=float, default=DEFAULTS.trim_loss)
     parser.add_argument("--cnn-rounds", type=int, default=20, help="rounds of the small CNN")

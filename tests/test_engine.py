@@ -13,7 +13,7 @@ import pytest
 from anneal_geo import plugins
 from anneal_geo.annotators.base import Annotator
 from anneal_geo.data.pool import PatchPool
-from anneal_geo.engine import Engine, initial_pairs
+from anneal_geo.engine import Engine, cluster_initial_pairs, initial_pairs
 from anneal_geo.errors import ConfigError, DataError, PluginError, SessionError
 from anneal_geo.estimators.base import Estimator
 from anneal_geo.session import Session, SessionConfig
@@ -245,6 +245,56 @@ def test_initial_pairs_mix_neighbours_and_random(ms_pool):
     assert np.unique(keys).size == 60
     with pytest.raises(ConfigError, match="initial"):
         initial_pairs(emb, ids[:5], 11, 0.5, rng)
+
+
+def _blobs(rng: np.random.Generator, groups: int, each: int) -> tuple[np.ndarray, np.ndarray]:
+    centres = rng.normal(size=(groups, 16)) * 10.0
+    blob = np.repeat(np.arange(groups), each)
+    emb = (centres[blob] + rng.normal(size=(groups * each, 16))).astype(np.float32)
+    return emb, blob
+
+
+def test_cluster_initial_pairs_spread_over_the_archive():
+    rng = np.random.default_rng(0)
+    emb, blob = _blobs(rng, 3, 60)
+    ids = np.arange(len(emb), dtype=np.int64)
+    pairs, within = cluster_initial_pairs(emb, ids, 24, np.random.default_rng(1))
+    assert pairs.shape == (24, 2) and within.sum() == 12  # 12 groups, one member pair each
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert np.unique(pairs[:, 0] * len(emb) + pairs[:, 1]).size == 24
+    # Three well-separated blobs cut into 12 groups: each member pair lies inside one blob,
+    # every blob has some, and no patch is the medoid of two groups.
+    inside = pairs[within]
+    assert (blob[inside[:, 0]] == blob[inside[:, 1]]).all()
+    assert set(blob[inside[:, 0]].tolist()) == {0, 1, 2}
+    medoids = set(inside.ravel().tolist()) & set(pairs[~within].ravel().tolist())
+    assert len(medoids) >= 10  # the boundary pairs start at the same medoids
+
+
+def test_cluster_initial_pairs_do_not_depend_on_the_chunking(monkeypatch):
+    import anneal_geo.engine as engine_module
+
+    rng = np.random.default_rng(2)
+    emb, _ = _blobs(rng, 8, 50)
+    ids = np.arange(0, len(emb), 2, dtype=np.int64)  # an archive of every other patch
+    whole = cluster_initial_pairs(emb, ids, 16, np.random.default_rng(3))
+    monkeypatch.setattr(engine_module, "_INITIAL_CHUNK", 7)
+    chunked = cluster_initial_pairs(emb, ids, 16, np.random.default_rng(3))
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    assert np.isin(whole[0], ids).all()  # only archive patches are paired
+
+
+def test_cluster_initial_pairs_skip_asked_pairs_and_refuse_too_many(ms_pool):
+    pool, _ = ms_pool
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(pool), 16)).astype(np.float32)
+    ids = np.arange(len(pool), dtype=np.int64)
+    first, _ = cluster_initial_pairs(emb, ids, 40, np.random.default_rng(5))
+    again, _ = cluster_initial_pairs(emb, ids, 40, np.random.default_rng(5), exclude=first)
+    keys = lambda p: set((p[:, 0] * len(pool) + p[:, 1]).tolist())  # noqa: E731
+    assert len(again) == 40 and not keys(first) & keys(again)
+    with pytest.raises(ConfigError, match="initial"):
+        cluster_initial_pairs(emb, ids[:5], 11, rng)
 
 
 def test_knn_k_follows_pool_size_unless_set():

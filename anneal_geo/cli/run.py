@@ -167,6 +167,11 @@ def run(
     rounds: int = typer.Option(5, help="Active-learning rounds after the initial set."),
     budget: int = typer.Option(100, help="Pairs asked per round (b)."),
     initial: int = typer.Option(100, help="Pairs in the initial set (b0)."),
+    initial_design: str = typer.Option(
+        _DEFAULTS.initial_design, help="How the initial set is picked: clusters (groups of the "
+        "starting embedding: each group's medoid with a random member and with the nearest "
+        "group's medoid) or random (random pairs, half among nearest neighbours)."
+    ),
     seed: int = typer.Option(0, help="Seed of every random source."),
     out: Path | None = typer.Option(
         None, help="Session directory (default: runs/<data>-<estimator>-<selector>-<backbone>-"
@@ -196,7 +201,7 @@ def run(
         "nothing), cut (leave out the answers a contradiction points at), split (cut, and "
         "also a similar answer joining two groups far apart) or confirm (two groups join "
         "only when a second answer across them agrees: the next round asks a check pair "
-        "first; for a person who errs)."
+        "first)."
     ),
     bands: str | None = typer.Option(None, help="Comma-separated band names to use, in order."),
     noise: float = typer.Option(0.0, help="Oracle answer-flip probability (simulated noise)."),
@@ -246,6 +251,7 @@ def run(
         "rounds": rounds,
         "budget": budget,
         "initial": initial,
+        "initial_design": initial_design,
         "seed": seed,
         "candidates": candidates,
         "train_mode": train_mode,
