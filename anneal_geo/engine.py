@@ -1,11 +1,12 @@
 """One ANNEAL round and the loop (METHOD.md section 3). The engine knows only the contracts.
 
-Round 0 asks the initial set (random pairs, half of them among nearest neighbours of the
-starting embedding); every later round fits the estimator on the labelled pairs, scores
-the candidate pairs block-wise keeping a running short-list of the ``h`` most uncertain,
-lets the selector pick ``b`` diverse pairs from it, has the annotator answer them (each
-answer committed before the next question), expands the answers by transitivity, trains
-the metric model and evaluates retrieval.
+Round 0 asks the initial set (``initial_design``: by default, per k-means group of the
+starting embedding, its medoid with a random member and with the nearest group's medoid;
+or random pairs, half of them among nearest neighbours); every later round fits the
+estimator on the labelled pairs, scores the candidate pairs block-wise keeping a running
+short-list of the ``h`` most uncertain, lets the selector pick ``b`` diverse pairs from it,
+has the annotator answer them (each answer committed before the next question), expands
+the answers by transitivity, trains the metric model and evaluates retrieval.
 """
 
 from __future__ import annotations

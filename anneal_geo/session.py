@@ -77,9 +77,10 @@ class SessionConfig:
         initial_design: how round 0 picks its pairs: ``clusters`` (default: k-means of the
             starting embedding into ``initial // 2`` groups, each group's medoid paired with
             a random member and with the nearest other group's medoid; chosen on validation
-            of both EuroSAT sets, level with correct answers and higher with early answers
-            and with 10 % flipped) or ``random`` (random pairs, ``initial_nn_fraction`` of
-            them among nearest neighbours; the earlier behaviour).
+            of both EuroSAT sets: a higher score with correct answers on both, level or
+            higher with 10 % flipped, above class-label AL at every budget) or ``random``
+            (random pairs, ``initial_nn_fraction`` of them among nearest neighbours; the
+            earlier behaviour).
         seed: seed of every random source.
         candidates: ``auto``, ``exhaustive`` or ``knn``.
         knn_k: neighbours per patch for ``knn`` candidates; 0 = by pool size (50 up to
