@@ -306,7 +306,8 @@ def test_a_round_rewrites_the_embeddings_in_place_with_the_new_values(
 def test_a_mixed_session_keeps_its_features_once_inside_the_embedding(
     pool: PatchPool, pool_dir: Path, tmp_path: Path
 ) -> None:
-    config = texture_config(pool_dir, rounds=1, repair="split")
+    # The random initial set: its answers, a quarter flipped below, give split suspects.
+    config = texture_config(pool_dir, rounds=1, repair="split", initial_design="random")
     session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
     with Engine(session, pool, progress=False) as engine:
         shared = engine.trainer.features

@@ -113,10 +113,11 @@ def test_contrastive_loss_matches_its_formula() -> None:
 
 
 def test_head_training_separates_held_out_classes(data: dict[str, np.ndarray]) -> None:
-    trainer = head_trainer(data, max_steps=200)
+    trainer = head_trainer(data, max_steps=150)
     before_same, before_diff = class_gap(trainer.embed_features(data["fq"]), data["yq"])
     stats = trainer.train_round(data["pairs"], data["labels"])
-    assert isinstance(stats, RoundStats) and stats.steps == 200 and stats.mode == "head"
+    # 20 epochs over the round's 2,048 sampled pairs would be 160 steps: capped at 150.
+    assert isinstance(stats, RoundStats) and stats.steps == 150 and stats.mode == "head"
     assert stats.n_pairs == len(data["pairs"]) and stats.n_similar == int(data["labels"].sum())
     assert stats.loss_last < 0.5 * stats.loss_first
     assert stats.seconds > 0 and stats.as_dict()["loss_name"] == "contrastive"
