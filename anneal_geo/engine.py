@@ -503,7 +503,10 @@ def cluster_initial_pairs(
         return True
 
     live = np.flatnonzero(medoid >= 0)
-    apart = ((centroids[live, None, :] - centroids[None, live, :]) ** 2).sum(axis=2)
+    # Squared distances between the groups' centroids, (k, k) without a (k, k, D) array.
+    cents = centroids[live].astype(np.float64)
+    sq = (cents**2).sum(axis=1)
+    apart = sq[:, None] + sq[None, :] - 2.0 * cents @ cents.T
     np.fill_diagonal(apart, np.inf)
     for row, c in enumerate(live):
         m = int(medoid[c])
