@@ -105,11 +105,8 @@ def check_budget(
 
     n = int(n_archive)
     total = n * (n - 1) // 2
-    if rounds_done == 0 and config.initial > total:
-        raise ConfigError(
-            f"setting 'initial' asks {config.initial} pairs but the archive of {n} patches "
-            f"has only {total}; lower --initial"
-        )
+    if rounds_done == 0:
+        _check_initial(config.initial, n)
     later = config.rounds - max(0, rounds_done - 1)
     if later <= 0:
         return
@@ -339,6 +336,16 @@ def select_pairs(
     return best_pairs[picked], stats
 
 
+def _check_initial(count: int, n_archive: int) -> None:
+    """Refuse an initial set larger than the archive's pairs, naming the setting."""
+    total = n_archive * (n_archive - 1) // 2
+    if count > total:
+        raise ConfigError(
+            f"setting 'initial' asks {count} pairs but the archive of {n_archive} patches has "
+            f"only {total}; lower --initial"
+        )
+
+
 def initial_pairs(
     embeddings: np.ndarray,
     archive_ids: np.ndarray,
@@ -359,13 +366,7 @@ def initial_pairs(
     """
     from anneal_geo.pairs.candidates import knn_candidates, pair_keys
 
-    n_archive = len(archive_ids)
-    total = n_archive * (n_archive - 1) // 2
-    if count > total:
-        raise ConfigError(
-            f"setting 'initial' asks {count} pairs but the archive of {n_archive} patches has "
-            f"only {total}; lower --initial"
-        )
+    _check_initial(count, len(archive_ids))
     n = int(embeddings.shape[0])
     taken: set[int] = set()
     if exclude is not None and len(exclude):
@@ -437,12 +438,7 @@ def cluster_initial_pairs(
     from anneal_geo.pairs.candidates import _kmeans_centroids, pair_keys
 
     ids = np.asarray(archive_ids, dtype=np.int64)
-    total = len(ids) * (len(ids) - 1) // 2
-    if count > total:
-        raise ConfigError(
-            f"setting 'initial' asks {count} pairs but the archive of {len(ids)} patches has "
-            f"only {total}; lower --initial"
-        )
+    _check_initial(count, len(ids))
     n = int(embeddings.shape[0])
     k = max(1, min(count // 2, len(ids) // 2))
     per_cell = 256
@@ -463,7 +459,8 @@ def cluster_initial_pairs(
         dist, group = index.search(np.ascontiguousarray(embeddings[chunk], dtype=np.float32), 1)
         dist, group = dist[:, 0].astype(np.float64), group[:, 0].astype(np.int64)
         by_dist = np.lexsort((dist, group))  # by group, then distance
-        starts = np.flatnonzero(np.r_[True, group[by_dist][1:] != group[by_dist][:-1]])
+        g_sorted = group[by_dist]
+        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
         first = by_dist[starts]
         closer = dist[first] < best[group[first]]
         best[group[first][closer]] = dist[first][closer]

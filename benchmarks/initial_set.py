@@ -47,8 +47,6 @@ def run_one(n: int, design: str, count: int) -> dict[str, Any]:
     emb, cluster = clustered_embeddings(n, dim=DIM, seed=0)
     ids = np.arange(n, dtype=np.int64)
     monitor = MemoryMonitor()
-    with monitor.during("data"):
-        pass
     base = monitor.sample()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
