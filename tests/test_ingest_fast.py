@@ -142,6 +142,36 @@ def test_workers_give_the_same_pool_over_two_scenes(tmp_path) -> None:
     np.testing.assert_array_equal(saved.footprints[["row_off", "col_off"]], one.windows)
 
 
+def _forked_build(queue) -> None:
+    read = read_tiles(CELL, 120, bands=TEN_M, cloud_mask=None, progress=False, num_workers=2)
+    queue.put((read.patches.sum(dtype=np.int64).item(), read.checksums[0]))
+
+
+def test_reader_threads_are_kept_across_builds_and_a_forked_child_reads_alone() -> None:
+    """The reader threads outlive a build (no per-build GDAL and PROJ set-up); the next
+    build and a child forked while those threads are alive read the same pool."""
+    import multiprocessing
+    import threading
+    import warnings
+
+    first = read_tiles(CELL, 120, bands=TEN_M, cloud_mask=None, progress=False, num_workers=2)
+    readers = {t.ident for t in threading.enumerate() if t.name.startswith("read-tiles")}
+    assert len(readers) == 2
+    again = read_tiles(CELL, 120, bands=TEN_M, cloud_mask=None, progress=False, num_workers=2)
+    assert readers <= {t.ident for t in threading.enumerate() if t.name.startswith("read-tiles")}
+    np.testing.assert_array_equal(first.patches, again.patches)
+    assert first.checksums == again.checksums and len(first.checksums[0]) == 64
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_build, args=(queue,))
+    with warnings.catch_warnings():  # "this process is multi-threaded": that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0, "the forked child did not finish its read"
+    assert queue.get(timeout=5) == (first.patches.sum(dtype=np.int64).item(), first.checksums[0])
+
+
 def test_footprints_equal_build_footprints_to_the_bit() -> None:
     read = read_tiles(CELL, 64, stride=200, bands=["B02"], progress=False)
     fast = read.footprints()

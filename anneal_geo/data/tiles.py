@@ -1288,7 +1288,7 @@ def _read_direct(
         the results of the ``extra`` jobs, run in the same threads beside the reads.
     """
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait
 
     import rasterio
 
@@ -1436,23 +1436,45 @@ def _read_direct(
             release_free_memory()
 
     cap_gdal_cache()  # each strip is read once: GDAL's default cache would only fill up
-    workers = min(options["workers"], len(tasks) + len(extra))
-    if workers <= 1:
+    if options["workers"] <= 1 or len(tasks) + len(extra) <= 1:
         for task in tasks:
             run(*task)
         return [job() for job in extra]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-tiles") as pool:
-        # The extra jobs first: they run beside the reads rather than after them.
-        jobs = [pool.submit(job) for job in extra]
-        futures = [pool.submit(run, *task) for task in tasks]
-        try:
-            for future in futures:
-                future.result()
-            return [job.result() for job in jobs]
-        except BaseException:
-            for future in [*jobs, *futures]:
-                future.cancel()
-            raise
+    pool = _reader_pool(options["workers"])
+    # The extra jobs first: they run beside the reads rather than after them.
+    jobs = [pool.submit(job) for job in extra]
+    futures = [pool.submit(run, *task) for task in tasks]
+    try:
+        for future in futures:
+            future.result()
+        return [job.result() for job in jobs]
+    except BaseException:
+        for future in [*jobs, *futures]:
+            future.cancel()
+        wait([*jobs, *futures])  # the reads already running finish before the files close
+        raise
+
+
+_READERS: dict[tuple[int, int], Any] = {}  # (process id, threads) -> ThreadPoolExecutor
+
+
+def _reader_pool(workers: int) -> Any:
+    """The process's pool of ``workers`` reader threads, started on first use and kept.
+
+    A fresh thread pays GDAL's and PROJ's per-thread set-up (about 10 ms on the first
+    CRS comparison), which a one-scene pool would pay on every build; kept threads pay it
+    once per process. A forked child starts its own pool (the parent's threads are not
+    there).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pid = os.getpid()
+    for key in [k for k in _READERS if k[0] != pid]:
+        del _READERS[key]  # inherited through fork: its threads do not exist here
+    key = (pid, workers)
+    if key not in _READERS:
+        _READERS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-tiles")
+    return _READERS[key]
 
 
 def _moments(sums: np.ndarray, squares: np.ndarray, values: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1608,6 +1630,12 @@ def _read_archive(
         plans.append(_Plan(probe, chosen, reference, spacing))
     names = plans[0].bands
     dtype = _output_dtype(plans)
+    workers = _default_workers() if num_workers is None else max(1, num_workers)
+    hashing: list[Any] = []
+    if block is None and workers > 1:
+        # The checksums need only the files: they run while TorchGeo indexes the scenes.
+        readers = _reader_pool(workers)
+        hashing = [readers.submit(sha256_file, p.source) for p in plans]
 
     t_import = time.perf_counter()
     dataset_classes()  # imports TorchGeo (seconds, once per process): not counted as reading
@@ -1633,7 +1661,6 @@ def _read_archive(
         for b in p.bands
     )
     if block is None:
-        workers = _default_workers() if num_workers is None else max(1, num_workers)
         options["workers"] = workers
         options["keep_pixels"] = keep_pixels
         if integers:
@@ -1704,9 +1731,12 @@ def _read_archive(
                     # later (footprint_chunks): a million of them at once take gigabytes.
                     extra=[
                         *([frame_of_all] if keep_pixels else []),
-                        *(functools.partial(checksum, p) for p in plans),
+                        *(functools.partial(checksum, p) for p in plans if not hashing),
                     ],
                 )
+                if hashing:
+                    for plan, digest in zip(plans, hashing, strict=True):
+                        plan.checksum = digest.result()
             else:
                 for plan in plans:
                     checksum(plan)
