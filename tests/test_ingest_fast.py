@@ -50,7 +50,7 @@ def per_patch_reference(read, ids: np.ndarray) -> np.ndarray:
 
 def test_twelve_bands_at_10_20_60_m_equal_per_patch_reads() -> None:
     read = read_tiles(CELL, 64, cloud_mask=None, progress=False)
-    assert read.patches.shape == (256, 12, 64, 64) and read.patches.dtype == np.float32
+    assert read.patches.shape == (256, 12, 64, 64) and read.patches.dtype == np.uint16
     ids = np.r_[0:17, 17:256:7, 255]  # the first row and column, the last patch, a spread
     np.testing.assert_array_equal(read.patches[ids], per_patch_reference(read, ids))
 

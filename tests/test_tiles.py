@@ -88,7 +88,8 @@ def archive(tmp_path_factory) -> Path:
 def test_cell_is_cut_on_a_centred_whole_patch_grid(cell_read) -> None:
     read = cell_read
     assert read.patches.shape == (256, 12, 64, 64)
-    assert read.patches.dtype == np.float32  # 20 m and 60 m bands were resampled
+    # 20 m and 60 m bands are resampled in the tiles' own dtype: integers still, kept as such
+    assert read.patches.dtype == np.uint16
     assert read.bands == [
         "B01",
         "B02",

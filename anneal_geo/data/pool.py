@@ -251,8 +251,9 @@ class PatchPool:
     :meth:`from_bigearthnet` or :meth:`open`, or directly from arrays.
 
     Attributes:
-        patches: (N, C, H, W) array in its native dtype (uint16 for EuroSAT-MS, uint8 for
-            JPEG, float32 when bands were resampled); a read-only ``np.memmap`` once opened,
+        patches: (N, C, H, W) array in its native dtype (uint16 for EuroSAT-MS and
+            Sentinel-2 tiles, uint8 for JPEG, float32 for BigEarthNet's resampled bands); a
+            read-only ``np.memmap`` once opened,
             or, for the tiles store, a :class:`~anneal_geo.data.windows.TileWindows` that
             reads the same values from the tiles when indexed.
         bands: one name per channel, e.g. ``["B04", "B03", "B02"]``.

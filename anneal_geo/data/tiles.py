@@ -675,8 +675,9 @@ class TileRead:
     """The patches read from a tile archive, before they become a ``PatchPool``.
 
     Attributes:
-        patches: (N, C, P, P) array (the source dtype when no band was resampled, else
-            float32); (0, C, P, P), its dtype only, when read with ``keep_pixels=False``.
+        patches: (N, C, P, P) array (the source dtype when every band has the same
+            integer dtype of at most 16 bits, else float32); (0, C, P, P), its dtype only,
+            when read with ``keep_pixels=False``.
         bands: band names, one per channel.
         sources: per patch, its scene's reference file (the file its pixel window is in).
         crs: per patch, its scene's CRS (``"EPSG:32648"``).
@@ -891,17 +892,13 @@ class _Plan:
 
 
 def _output_dtype(plans: Sequence[_Plan]) -> np.dtype[Any]:
-    """The source dtype when no band of any scene is resampled and all share it (so the
-    values are exact), else float32 (what TorchGeo returns)."""
-    dtypes = {p.probe.dtypes[b] for p in plans for b in p.bands}
-    native = all(
-        math.isclose(p.probe.native_res[b][k], p.grid[k], rel_tol=1e-9)
-        for p in plans
-        for b in p.bands
-        for k in (0, 1)
-    )
-    if native and len(dtypes) == 1:
-        dtype = np.dtype(dtypes.pop())
+    """The source dtype when every band of every scene shares one integer dtype of at most
+    16 bits, resampled or not: GDAL resamples in the source dtype (TorchGeo's merge reads
+    into it, then hands the values over as float32), so the values are those integers
+    exactly. Otherwise float32 (what TorchGeo returns)."""
+    dtypes = {np.dtype(p.probe.dtypes[b]) for p in plans for b in p.bands}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
         if dtype.kind in "ui" and dtype.itemsize <= 2:
             return dtype
     return np.dtype(np.float32)
@@ -1095,6 +1092,11 @@ def _read_scene(
             raise DataError(
                 f"TorchGeo returned a {image.shape} block for scene {plan.probe.scene.name}, "
                 f"expected {expect}; this TorchGeo version is not supported"
+            )
+        if out.dtype.kind in "ui" and not np.array_equal(image, image.astype(out.dtype)):
+            raise DataError(
+                f"TorchGeo returned values of scene {plan.probe.scene.name} that are not "
+                f"{out.dtype} integers; this TorchGeo version is not supported"
             )
         patches = _cut(image, nr, nc, size, step)
         bad = _bad_pixels(patches, nodata)
