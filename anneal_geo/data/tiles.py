@@ -1643,10 +1643,15 @@ def _read_archive(
     dataset_classes()  # imports TorchGeo (seconds, once per process): not counted as reading
     t0 += time.perf_counter() - t_import
     datasets, grids = [], []
-    for plan in plans:
-        dataset = _scene_dataset(plan)
-        grids.append(_scene_grid(dataset, plan, size, step))
-        datasets.append(dataset)
+    try:
+        for plan in plans:
+            dataset = _scene_dataset(plan)
+            grids.append(_scene_grid(dataset, plan, size, step))
+            datasets.append(dataset)
+    except BaseException:
+        for digest in hashing:
+            digest.cancel()  # those not started yet
+        raise
     counts = [p.rows * p.cols for p in plans]
     total = sum(counts)
     # Every window has a slot in row-major order (scene by scene, north-west first), so the
@@ -1758,6 +1763,8 @@ def _read_archive(
                             bar,
                         )
     finally:
+        for digest in hashing:
+            digest.cancel()  # after a failed read, those not started yet
         # TorchGeo caches open file handles (and so every dataset) in a class-wide LRU
         # cache; empty it so the files are closed once the pool is read.
         from torchgeo.datasets import RasterDataset
