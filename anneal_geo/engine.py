@@ -698,7 +698,7 @@ class Engine:
         if stored is None:
             if not self.read_only:
                 self.store.set_meta("pool_fingerprint", fingerprint)
-        elif stored != fingerprint:
+        elif not self.pool.has_fingerprint(stored):
             raise SessionError(
                 f"{self.session.store_path} holds answers about another pool "
                 f"(fingerprint {stored}, this pool {fingerprint}); use the pool the session "

@@ -23,7 +23,7 @@ from anneal_geo.cli import app
 from anneal_geo.data.pool import PATCHES_FILE, POOL_FILE, PatchPool
 from anneal_geo.data.windows import WINDOWS_FILE, TileWindows
 from anneal_geo.engine import Engine
-from anneal_geo.errors import ConfigError, DataError
+from anneal_geo.errors import ConfigError, DataError, SessionError
 from anneal_geo.models import export_model, read_card
 from anneal_geo.retrieval.geoindex import GeoIndex
 from anneal_geo.session import Session, SessionConfig
@@ -373,3 +373,58 @@ def test_float_tiles_statistics_and_nan(tmp_path) -> None:
         PatchPool.from_tiles(product.parent, 64, store="tiles", out=tmp_path / "q", **options)
     text = one_line(exc)
     assert "NaN" in text and "--store array" in text
+
+
+def _as_float32_pool_of_before(directory: Path) -> None:
+    """Rewrite a saved uint16 pool as the float32 pool the same tiles gave before pools kept
+    the tiles' integer dtype for resampled bands (the same values)."""
+    patches = np.load(directory / PATCHES_FILE)
+    np.save(directory / PATCHES_FILE, patches.astype(np.float32))
+    meta = json.loads((directory / POOL_FILE).read_text())
+    meta["dtype"] = np.dtype(np.float32).str
+    meta.pop("fingerprint", None)
+    (directory / POOL_FILE).write_text(json.dumps(meta))
+
+
+def test_a_session_on_a_float32_pool_of_before_accepts_its_uint16_rebuild(tmp_path) -> None:
+    bands = ["B05", "B04"]  # B05 is resampled from 20 m onto the 10 m grid
+    pool_dir = tmp_path / "pool"
+    fresh = PatchPool.from_tiles(CELL, 120, bands=bands, cloud_mask=None, progress=False)
+    assert fresh.patches.dtype == np.uint16
+    fresh.save(pool_dir)
+    _as_float32_pool_of_before(pool_dir)
+    before = PatchPool.open(pool_dir)
+    assert before.patches.dtype == np.float32 and before.fingerprint != fresh.fingerprint
+    config = SessionConfig(
+        data=str(pool_dir), annotator="brightness-script", rounds=1, budget=8, initial=16,
+        epochs=3, embedding_dim=16,
+    )  # fmt: skip
+    plugins.register(BrightnessAnnotator, name="brightness-script")
+    try:
+        session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
+        with Engine(session, before, progress=False) as engine:
+            engine.run()
+            embeddings = np.asarray(engine.embeddings)
+        runner = CliRunner()
+        assert runner.invoke(app, ["index", str(tmp_path / "s")]).exit_code == 0
+        shutil.rmtree(pool_dir)  # the pool rebuilt from the same tiles: uint16 now
+        PatchPool.from_tiles(CELL, 120, bands=bands, cloud_mask=None, progress=False).save(
+            pool_dir
+        )
+        rebuilt = PatchPool.open(pool_dir)
+        assert rebuilt.has_fingerprint(before.fingerprint)
+        with Engine(Session.open(tmp_path / "s"), rebuilt, progress=False) as engine:
+            assert np.array_equal(np.asarray(engine.embeddings), embeddings)
+        geo = GeoIndex.load(tmp_path / "s")
+        try:
+            assert len(geo.query_patch(0, 5)) == 5
+        finally:
+            geo.close()
+        # Another pool is still refused, whatever its dtype.
+        other = PatchPool.from_tiles(CELL, 120, bands=["B06", "B04"], cloud_mask=None,
+                                     progress=False)  # fmt: skip
+        assert not other.has_fingerprint(before.fingerprint)
+        with pytest.raises(SessionError, match="answers about another pool"):
+            Engine(Session.open(tmp_path / "s"), other, progress=False)
+    finally:
+        plugins.unregister("brightness-script", "annotators")

@@ -982,6 +982,21 @@ class PatchPool:
             )
         return self._fingerprint
 
+    def has_fingerprint(self, recorded: str | None) -> bool:
+        """Whether ``recorded`` (a fingerprint a session or an index wrote) names this pool.
+
+        A pool cut from tiles whose bands were resampled was float32 before it kept the
+        tiles' integer dtype: the same values, another fingerprint. Such a recorded
+        fingerprint still names this pool when it is that of this pool as float32.
+        """
+        if recorded == self.fingerprint:
+            return True
+        dtype = self.patches.dtype
+        if recorded is None or dtype.kind not in "ui" or dtype.itemsize > 2:
+            return False
+        legacy = _fingerprint(self.bands, self.patches.shape, np.dtype(np.float32), self.sources)
+        return recorded == legacy
+
     @property
     def store(self) -> str:
         """How the pixels are kept: ``"array"`` (an array, ``patches.npy`` once saved) or

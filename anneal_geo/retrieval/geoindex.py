@@ -436,7 +436,7 @@ class GeoIndex:
                 raise DataError(
                     f"{meta_path} records no pool directory; pass the pool to GeoIndex.load"
                 )
-        if pool.fingerprint != meta.get("pool_fingerprint") or len(pool) != index.ntotal:
+        if not pool.has_fingerprint(meta.get("pool_fingerprint")) or len(pool) != index.ntotal:
             raise DataError(
                 f"the index in {directory} was built from another pool (fingerprint "
                 f"{meta.get('pool_fingerprint')}, {index.ntotal} patches) than "
