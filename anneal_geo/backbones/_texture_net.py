@@ -487,7 +487,7 @@ def fit_texture_trunk(
     trunk: TextureTrunk,
     get_batch: Callable[[np.ndarray], np.ndarray],
     n: int,
-    chunk: int = 1024,
+    chunk: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
     """Stream a whole pool through the trunk in chunks, fit its statistics on the raw

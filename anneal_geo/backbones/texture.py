@@ -126,7 +126,7 @@ def fit_texture_trunk(
     trunk: torch.nn.Module,
     get_batch: Callable[[np.ndarray], np.ndarray],
     n: int,
-    chunk: int = 1024,
+    chunk: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
     """Fit a built ``texture`` trunk's pool statistics on a whole pool and return its
