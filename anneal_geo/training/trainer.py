@@ -399,8 +399,8 @@ class Trainer:
         A trunk that fits pool statistics (:attr:`trunk_fits_statistics`) and is not fitted
         yet is fitted here, on these patches: its raw features are streamed in chunks of
         ``batch_size`` (batches of 1,024 were slower than 256 for the ``texture`` trunk and
-        held 0.3-0.7 GB more while they ran), ``fit_statistics`` gets all of them, and the features are
-        the normalised raw ones. A fitted trunk is never fitted again, so the pool it was
+        held 0.3-0.7 GB more while they ran), ``fit_statistics`` gets all of them, and the
+        features are the normalised raw ones. A fitted trunk is never fitted again, so the pool it was
         fitted on stays its reference (new patches are embedded with the saved statistics).
 
         Args:
