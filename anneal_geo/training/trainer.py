@@ -400,8 +400,9 @@ class Trainer:
         yet is fitted here, on these patches: its raw features are streamed in chunks of
         ``batch_size`` (batches of 1,024 were slower than 256 for the ``texture`` trunk and
         held 0.3-0.7 GB more while they ran), ``fit_statistics`` gets all of them, and the
-        features are the normalised raw ones. A fitted trunk is never fitted again, so the pool it was
-        fitted on stays its reference (new patches are embedded with the saved statistics).
+        features are the normalised raw ones. A fitted trunk is never fitted again, so the
+        pool it was fitted on stays its reference (new patches are embedded with the saved
+        statistics).
 
         Args:
             source: the patches (array or ``get_batch`` function, see the module docs).
