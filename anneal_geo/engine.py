@@ -413,6 +413,11 @@ def initial_pairs(
 _INITIAL_CHUNK = 65_536
 
 
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Indices where each run of equal values of a sorted (non-empty) array starts."""
+    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+
+
 def cluster_initial_pairs(
     embeddings: np.ndarray,
     archive_ids: np.ndarray,
@@ -459,17 +464,14 @@ def cluster_initial_pairs(
         dist, group = index.search(np.ascontiguousarray(embeddings[chunk], dtype=np.float32), 1)
         dist, group = dist[:, 0].astype(np.float64), group[:, 0].astype(np.int64)
         by_dist = np.lexsort((dist, group))  # by group, then distance
-        g_sorted = group[by_dist]
-        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
-        first = by_dist[starts]
+        first = by_dist[_run_starts(group[by_dist])]
         closer = dist[first] < best[group[first]]
         best[group[first][closer]] = dist[first][closer]
         medoid[group[first][closer]] = chunk[first][closer]
         u = rng.random(len(chunk))
         by_u = np.lexsort((-u, group))  # by group, highest priority first
-        g_sorted = group[by_u]
-        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
-        ends = np.r_[starts[1:], len(g_sorted)]
+        starts = _run_starts(group[by_u])
+        ends = np.r_[starts[1:], len(by_u)]
         cand_u = np.full((k, 2), -1.0)
         cand_id = np.full((k, 2), -1, dtype=np.int64)
         for slot in (0, 1):

@@ -1716,9 +1716,6 @@ def _read_archive(
         except Exception:
             return None
 
-    def checksum(plan: _Plan) -> None:
-        plan.checksum = sha256_file(plan.source)
-
     prebuilt: list[Any] = []
     bounds = np.cumsum([0, *counts])
     try:
@@ -1736,17 +1733,9 @@ def _read_archive(
                     handles,
                     # A pool that reads from the tiles writes its footprints in chunks
                     # later (footprint_chunks): a million of them at once take gigabytes.
-                    extra=[
-                        *([frame_of_all] if keep_pixels else []),
-                        *(functools.partial(checksum, p) for p in plans if not hashing),
-                    ],
+                    extra=[frame_of_all] if keep_pixels else [],
                 )
-                if hashing:
-                    for plan, digest in zip(plans, hashing, strict=True):
-                        plan.checksum = digest.result()
             else:
-                for plan in plans:
-                    checksum(plan)
                 with _one_torch_thread():
                     for k, (plan, dataset, grid) in enumerate(
                         zip(plans, datasets, grids, strict=True)
@@ -1762,6 +1751,9 @@ def _read_archive(
                             options,
                             bar,
                         )
+            # The checksums: started beside the reads when there are reader threads.
+            for plan, digest in itertools.zip_longest(plans, hashing):
+                plan.checksum = sha256_file(plan.source) if digest is None else digest.result()
     finally:
         for digest in hashing:
             digest.cancel()  # after a failed read, those not started yet
