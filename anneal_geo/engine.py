@@ -732,6 +732,7 @@ class Engine:
             progress=self.progress,
             pair_budget=cfg.pair_budget,
             trim=cfg.trim_loss,
+            ema=cfg.ema,
         )
         latest = self.session.latest_checkpoint()
         if latest is not None:

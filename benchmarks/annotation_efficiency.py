@@ -94,6 +94,7 @@ VARIANT_KEYS = {
     "mix": float,
     "epochs": int,
     "lr": float,
+    "ema": float,
     "budget": int,
     "initial": int,
     "pair_budget": int,
@@ -141,6 +142,7 @@ def run_method(
         train_mode=_setting(args, "train_mode"),
         epochs=_setting(args, "epochs"),
         lr=_setting(args, "lr"),
+        ema=_setting(args, "ema"),
         margin=_setting(args, "margin"),
         mix=_setting(args, "mix"),
         pair_budget=_setting(args, "pair_budget"),
@@ -370,6 +372,7 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
         "mix": args.mix,
         "epochs": args.epochs,
         "lr": args.lr,
+        "ema": args.ema,
         "budget": args.budget,
         "initial": args.initial,
         "answers": args.answers,
@@ -578,6 +581,9 @@ def main() -> None:
     parser.add_argument("--mix", type=float, default=DEFAULTS.mix)
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="the head's learning rate")
+    parser.add_argument(
+        "--ema", type=float, default=DEFAULTS.ema, help="decay of the head's weight average"
+    )
     parser.add_argument(
         "--baseline-epochs",
         type=int,

@@ -337,6 +337,36 @@ def test_the_learning_rate_setting_trains_the_head(ms_pool, tmp_path):
     assert moved[1e-3] > 2 * moved[1e-4] > 0
 
 
+@pytest.mark.parametrize("ema", [-0.5, 1.0])
+def test_a_weight_average_out_of_range_is_refused_by_name(ema):
+    with pytest.raises(ConfigError, match=r"setting 'ema' must be in \[0, 1\)"):
+        SessionConfig(ema=ema).validate()
+
+
+def test_a_session_with_a_weight_average_resumes_as_if_never_stopped(ms_pool, tmp_path):
+    """The trained weights an averaging session continues from are in its checkpoint: a
+    session stopped after a round and resumed embeds and asks exactly as one that ran on."""
+    pool, pool_dir = ms_pool
+    straight = Session.create(
+        tmp_path / "straight",
+        small_config(pool_dir, rounds=2, ema=0.9),
+        {"pool_dir": str(pool_dir)},
+    )
+    with Engine(straight, pool, progress=False) as engine:
+        engine.run()
+        whole = engine.embeddings.copy()
+    stopped = Session.create(
+        tmp_path / "stopped", small_config(pool_dir, rounds=2, ema=0.9), {"pool_dir": str(pool_dir)}
+    )
+    with Engine(stopped, pool, progress=False) as engine:
+        engine.run(rounds=2)  # the initial round and round 1
+    with Engine(Session.open(stopped.directory), pool, progress=False) as engine:
+        assert [r["round"] for r in engine.run()] == [2]
+        resumed = engine.embeddings.copy()
+    assert stored_pairs(stopped) == stored_pairs(straight)
+    np.testing.assert_array_equal(resumed, whole)
+
+
 @pytest.mark.parametrize("lr", [0.0, -1e-3, 2.0])
 def test_a_learning_rate_out_of_range_is_refused_by_name(lr):
     with pytest.raises(ConfigError, match="setting 'lr' must be above 0 and at most 1"):

@@ -306,8 +306,9 @@ def test_a_round_rewrites_the_embeddings_in_place_with_the_new_values(
 def test_a_mixed_session_keeps_its_features_once_inside_the_embedding(
     pool: PatchPool, pool_dir: Path, tmp_path: Path
 ) -> None:
-    # The random initial set: its answers, a quarter flipped below, give split suspects.
-    config = texture_config(pool_dir, rounds=1, repair="split", initial_design="random")
+    # The random initial set and no weight average: the pairs this session asks, a quarter
+    # of their answers flipped below, give split suspects.
+    config = texture_config(pool_dir, rounds=1, repair="split", initial_design="random", ema=0.0)
     session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
     with Engine(session, pool, progress=False) as engine:
         shared = engine.trainer.features

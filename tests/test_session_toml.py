@@ -107,8 +107,10 @@ def test_settings_added_after_0_1_0_keep_an_old_session_behaving_as_before(
     assert opened.mix == 0.0 and opened.pair_budget == 0  # no mixing, every pair trained on
     assert opened.lr == 1e-3  # the head's learning rate before it became a setting
     assert opened.initial_design == "random"  # round 0 as it was picked then
+    assert opened.ema == 0.0  # the last trained weights embed, as before averaging
     fresh = SessionConfig()
-    assert (fresh.mix, fresh.pair_budget, fresh.lr) != (opened.mix, opened.pair_budget, opened.lr)
+    before = (opened.mix, opened.pair_budget, opened.lr, opened.ema)
+    assert (fresh.mix, fresh.pair_budget, fresh.lr, fresh.ema) != before
 
 
 def test_the_current_writer_gives_the_same_session(old_session: Path, tmp_path: Path) -> None:

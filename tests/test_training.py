@@ -301,3 +301,80 @@ def test_pair_lookup_finds_every_labelled_pair_among_a_batch(data: dict[str, np.
         if i in chosen and j in chosen
     }
     assert got == expect and len(expect) > 0
+
+
+def test_the_weight_average_follows_every_step_and_training_continues_unaveraged(
+    data: dict[str, np.ndarray],
+) -> None:
+    """With ``ema``, a round leaves the model holding the moving average of the weights of
+    each step (from the weights the round started with), and keeps the trained weights
+    aside: they are where the next round continues. Checked against the same steps taken
+    one round at a time without averaging."""
+    pairs, labels = subset(data, 800)
+    steps, decay = 6, 0.5
+    stepwise = head_trainer(data, max_steps=1, min_steps=1)
+    trajectory = []
+    for _ in range(steps):
+        stepwise.train_round(pairs, labels)
+        trajectory.append([p.detach().clone() for p in stepwise.model.head.parameters()])
+
+    averaged = head_trainer(data, max_steps=steps, min_steps=steps, ema=decay)
+    expected = [p.detach().clone() for p in averaged.model.head.parameters()]
+    averaged.train_round(pairs, labels)
+    for weights in trajectory:
+        expected = [e.lerp(w, 1.0 - decay) for e, w in zip(expected, weights, strict=True)]
+    held = list(averaged.model.head.parameters())
+    for got, want in zip(held, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert averaged._train_weights is not None
+    for got, want in zip(averaged._train_weights, trajectory[-1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(h, w) for h, w in zip(held, trajectory[-1], strict=True))
+    # The embedding is the averaged model's.
+    model = spectral_model(data)
+    model.load_state_dict(averaged.model.state_dict())
+    with torch.inference_mode():
+        want_emb = model.embed_features(torch.from_numpy(data["fa"])).numpy()
+    np.testing.assert_allclose(averaged.embed(), want_emb, rtol=1e-5, atol=1e-6)
+
+    # The next round starts from the trained weights, not from the average: its first step
+    # is the stepwise trainer's seventh.
+    one_more = head_trainer(data, max_steps=1, min_steps=1, ema=decay)
+    one_more.load_state_dict(averaged.state_dict())
+    one_more.train_round(pairs, labels)
+    stepwise.train_round(pairs, labels)
+    assert one_more._train_weights is not None
+    for got, want in zip(one_more._train_weights, stepwise.model.head.parameters(), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_an_averaging_trainer_resumes_exactly_from_its_checkpoint(
+    data: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    pairs, labels = subset(data, 800)
+    trainer = head_trainer(data, max_steps=20, min_steps=20, ema=0.9)
+    trainer.train_round(pairs, labels)
+    torch.save(trainer.state_dict(), tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert len(state["train_weights"]) == len(list(trainer.model.head.parameters()))
+    restored = head_trainer(data, seed=99, max_steps=20, min_steps=20, ema=0.9)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.embed(), trainer.embed())
+    trainer.train_round(pairs, labels)
+    restored.train_round(pairs, labels)
+    np.testing.assert_array_equal(restored.embed(), trainer.embed())
+    # A checkpoint without averaging has no trained weights to keep.
+    plain = head_trainer(data, max_steps=5, min_steps=5)
+    plain.train_round(pairs, labels)
+    assert "train_weights" not in plain.state_dict()
+    bad = dict(state, train_weights=state["train_weights"][:1])
+    with pytest.raises(DataError, match="train_weights do not fit"):
+        restored.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("ema", [-0.1, 1.0, 1.5])
+def test_a_weight_average_decay_out_of_range_is_refused(
+    data: dict[str, np.ndarray], ema: float
+) -> None:
+    with pytest.raises(ConfigError, match=r"ema must lie in \[0, 1\)"):
+        head_trainer(data, ema=ema)

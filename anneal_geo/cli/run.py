@@ -185,6 +185,10 @@ def run(
     ),
     epochs: int = typer.Option(_DEFAULTS.epochs, help="Training epochs per round."),
     lr: float = typer.Option(_DEFAULTS.lr, help="Learning rate of the head (Adam)."),
+    ema: float = typer.Option(
+        _DEFAULTS.ema, help="Decay per training step of the moving average of the head's "
+        "weights that embeds (0 = the last trained weights)."
+    ),
     margin: float = typer.Option(
         _DEFAULTS.margin, help="Contrastive loss margin (embedding distances lie in [0, 2])."
     ),
@@ -257,6 +261,7 @@ def run(
         "train_mode": train_mode,
         "epochs": epochs,
         "lr": lr,
+        "ema": ema,
         "margin": margin,
         "mix": mix,
         "transitivity": transitivity,

@@ -222,6 +222,11 @@ class Trainer:
         trim: from the second round on, each contrastive batch of pairs (not the triplet
             or ``batch_all`` batches) leaves out this share of its similar and of its
             dissimilar pairs with the largest loss (0: none).
+        ema: decay per step of an exponential moving average of the trained weights (0:
+            none). With it, the model holds the averaged weights between rounds (they embed,
+            are saved and exported), while training continues from the weights it last
+            trained (kept as ``train_weights`` in :meth:`state_dict`); each step moves the
+            average ``1 - ema`` of the way to the new weights.
 
     Raises:
         ConfigError: a setting is out of range.
@@ -247,6 +252,7 @@ class Trainer:
         progress: bool | None = None,
         pair_budget: int | None = None,
         trim: float = 0.0,
+        ema: float = 0.0,
     ) -> None:
         import torch
 
@@ -276,6 +282,9 @@ class Trainer:
         self.trim = float(trim)
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"trainer setting trim must lie in [0, 0.5), got {trim}")
+        self.ema = float(ema)
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"trainer setting ema must lie in [0, 1), got {ema}")
         for name, value in (
             ("margin", self.margin),
             ("lr_head", self.lr_head),
@@ -305,6 +314,10 @@ class Trainer:
         if mode == "full" and trunk_params:
             groups.append({"params": trunk_params, "lr": self.lr_trunk, "name": "trunk"})
         self.optimizer = torch.optim.Adam(groups)
+        #: The optimised parameters, in the optimiser's order.
+        self._trained = [p for g in groups for p in g["params"]]
+        #: With ``ema``: the weights training continues from (None before the first round).
+        self._train_weights: list[torch.Tensor] | None = None
         self.rounds = 0
         self._features: torch.Tensor | SharedFeatures | None = None
 
@@ -571,6 +584,7 @@ class Trainer:
             )
 
         self._train_mode()
+        averaged = self._start_averaging()
         losses = np.empty(steps, dtype=np.float64)
         for step in range(steps):
             if use_triplets:
@@ -603,7 +617,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if averaged is not None:
+                with torch.no_grad():
+                    for mean, weight in zip(averaged, self._trained, strict=True):
+                        mean.lerp_(weight, 1.0 - self.ema)
             losses[step] = float(loss.detach())
+        if averaged is not None:
+            self._finish_averaging(averaged)
         self.model.eval()
         self.rounds += 1
         tenth = max(1, steps // 10)
@@ -653,6 +673,29 @@ class Trainer:
 
         chosen = np.concatenate([kept, draw(sim, take_sim), draw(dis, take_dis)])
         return np.sort(chosen.astype(np.int64))
+
+    def _start_averaging(self) -> list[torch.Tensor] | None:
+        """With ``ema``: the average so far (the weights the model holds between rounds),
+        after putting the weights training continues from into the model; else None."""
+        import torch
+
+        if self.ema == 0.0:
+            return None
+        with torch.no_grad():
+            averaged = [p.detach().clone() for p in self._trained]
+            if self._train_weights is not None:
+                for p, w in zip(self._trained, self._train_weights, strict=True):
+                    p.copy_(w)
+        return averaged
+
+    def _finish_averaging(self, averaged: list[torch.Tensor]) -> None:
+        """Keep the trained weights aside and give the model the average."""
+        import torch
+
+        with torch.no_grad():
+            self._train_weights = [p.detach().clone() for p in self._trained]
+            for p, mean in zip(self._trained, averaged, strict=True):
+                p.copy_(mean)
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -836,7 +879,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer and generator state: tensors and plain values only, so
         ``torch.load(..., weights_only=True)`` reads it back."""
-        return {
+        state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -844,6 +887,9 @@ class Trainer:
             "mode": self.mode,
             "loss": self.loss_name,
         }
+        if self._train_weights is not None:
+            state["train_weights"] = [w.clone() for w in self._train_weights]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (same architecture and mode); cached features are not
@@ -863,6 +909,21 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.rounds = int(state["rounds"])
+        weights = state.get("train_weights")
+        if weights is not None:
+            if len(weights) != len(self._trained) or any(
+                tuple(w.shape) != tuple(p.shape)
+                for w, p in zip(weights, self._trained, strict=False)
+            ):
+                raise DataError(
+                    "checkpoint's train_weights do not fit this model; resume with the same "
+                    "backbone and bands"
+                )
+            self._train_weights = [
+                w.to(p.device, p.dtype) for w, p in zip(weights, self._trained, strict=True)
+            ]
+        else:
+            self._train_weights = None
 
 
 def _write_unit_columns(
