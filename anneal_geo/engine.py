@@ -956,6 +956,11 @@ class Engine:
         if len(answered) >= target:
             pairs, stats = answered, {"candidates": "recovered"}
         else:
+            # The choice is a round's memory peak (a million patches' neighbour search):
+            # the tiles' open files and the blocks GDAL cached for them while the patches
+            # were looked at (up to 128 MB) are let go of first; they reopen when needed.
+            self.pool.close_files()
+            release_free_memory()
             chosen, stats = self._choose(round_index, rng, target - len(answered))
             pairs = np.concatenate([answered, chosen]) if len(answered) else chosen
         if len(answered):

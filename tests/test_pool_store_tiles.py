@@ -448,7 +448,7 @@ def test_an_engine_embeds_from_its_saved_features_what_it_embedded_from_memory(
     plugins.register(BrightnessAnnotator, name="brightness-script")
     try:
         config = SessionConfig(
-            data=str(pool_dir), annotator="brightness-script", rounds=1, budget=8, initial=16
+            data=str(pool_dir), annotator="brightness-script", rounds=2, budget=8, initial=16
         )
         session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
         with Engine(session, pool, progress=False) as engine:
@@ -472,5 +472,15 @@ def test_an_engine_embeds_from_its_saved_features_what_it_embedded_from_memory(
         session.pending_path.unlink()
         with Engine(Session.open(session.directory), pool, progress=False) as engine:
             np.testing.assert_array_equal(engine.round_pairs(), pairs)
+            # Looking at the patches opens their tiles; choosing the next round's pairs lets
+            # them go (with the blocks GDAL cached) before its neighbour search.
+            for (i, j), value in zip(
+                pairs.tolist(), engine.annotator.checked_annotate(pairs, engine.pool), strict=True
+            ):
+                engine.answer(i, j, value)
+            assert engine.pool.patches._handles._open
+            engine.finish_round()
+            engine.round_pairs()
+            assert not engine.pool.patches._handles._open
     finally:
         plugins.unregister("brightness-script", "annotators")
