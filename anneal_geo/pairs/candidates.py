@@ -583,7 +583,11 @@ def _knn_edge_keys(
         if method == "ivf"
         else _exact_neighbours(emb, k)
     )
-    chunks = []
+    # The keys go into one array of the most there can be (k per row), sorted in place at
+    # the end: a list of per-block results held 50 % more than the keys (fragmented) and
+    # their concatenation a second copy.
+    keys = np.empty(emb.shape[0] * k, dtype=np.int64)
+    filled = 0
     for rows, found in blocks:
         row = rows[:, None]
         nbr = found.astype(np.int64, copy=False)
@@ -593,21 +597,19 @@ def _knn_edge_keys(
         keep = valid & (np.cumsum(valid, axis=1) <= k)
         a = np.broadcast_to(row, nbr.shape)[keep]
         b = nbr[keep]
-        lo_id, hi_id = ids[np.minimum(a, b)], ids[np.maximum(a, b)]
-        chunks.append(unique_sorted(lo_id * np.int64(base) + hi_id))
+        part = keys[filled : filled + a.size]
+        np.multiply(ids[np.minimum(a, b)], np.int64(base), out=part)
+        part += ids[np.maximum(a, b)]
+        filled += a.size
     del blocks
-    if not chunks:
-        return np.empty(0, dtype=np.int64)
-    # unique_sorted's result, sorted in place: no second copy of the keys beside them.
-    keys = np.concatenate(chunks)
-    chunks.clear()
+    keys = keys[:filled]
     keys.sort()
     if keys.size < 2:
-        return keys
-    keep = np.empty(keys.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
-    return keys[keep]
+        return keys.copy()
+    keep_key = np.empty(keys.size, dtype=bool)
+    keep_key[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep_key[1:])
+    return keys[keep_key]
 
 
 def _sample_far_keys(
