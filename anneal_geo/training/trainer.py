@@ -351,7 +351,8 @@ class Trainer:
 
         Raises:
             DataError: ``saved`` is not a float32 matrix of the trunk's width, ends early
-                or holds NaN or infinite values.
+                or holds NaN or infinite values (found while it is read: the features
+                held are gone by then, and ``embeddings`` is partly written).
         """
         import torch
 
