@@ -23,7 +23,13 @@ import ctypes.util
 import functools
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from anneal_geo.errors import DataError
 
 
 @functools.cache
@@ -67,3 +73,43 @@ def cap_gdal_cache() -> None:
 
     if int(get_gdal_config("GDAL_CACHEMAX")) > GDAL_CACHE_BYTES:
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
+
+
+def npy_row_blocks(
+    path: Path, rows: int, remedy: str
+) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
+    """The (N, D) shape of a saved float32 ``.npy`` matrix and its rows, ``rows`` at a time.
+
+    Plain reads, not a memory map: the pages of a mapped file count as the process's own
+    memory while they stay mapped, so a mapped 1 GB file read to its end holds 1 GB. Each
+    block is a new array. A file that is not such a matrix, or that ends early (raised
+    while its blocks are read), is a one-line :class:`DataError` ending in ``remedy``.
+    """
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read as a .npy array ({exc}); {remedy}") from exc
+    if len(shape) != 2 or fortran or dtype != np.float32:
+        raise DataError(
+            f"{path} holds {shape} {dtype}{' (Fortran order)' if fortran else ''}; "
+            f"expected an (N, D) float32 matrix; {remedy}"
+        )
+    n, dim = int(shape[0]), int(shape[1])
+
+    def read() -> Iterator[np.ndarray]:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            for start in range(0, n, rows):
+                count = min(rows, n - start)
+                block = np.fromfile(handle, dtype=np.float32, count=count * dim)
+                if block.size != count * dim:
+                    raise DataError(f"{path} ends before its {n} rows; {remedy}")
+                yield block.reshape(count, dim)
+
+    return (n, dim), read()

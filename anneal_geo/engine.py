@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from anneal_geo import plugins
-from anneal_geo._memory import release_free_memory
+from anneal_geo._memory import npy_row_blocks, release_free_memory
 from anneal_geo.errors import AnnealError, ConfigError, DataError, PluginError, SessionError
 from anneal_geo.lock import SessionLock
 
@@ -617,6 +618,8 @@ class Engine:
         self.store: PairStore = PairStore(session.store_path, read_only=self.read_only)
         self._check_store()
         session.check_store_counts(self.store.count_by_answer())
+        #: The saved trunk features the first embedding reads (see _build_trainer).
+        self._features_file: Path | None = None
         self.trainer = self._build_trainer()
         #: Held while the embeddings are rewritten in place (see _finish_round).
         self.embeddings_lock = threading.RLock()
@@ -752,42 +755,44 @@ class Engine:
             # statistics is fitted when they are first computed (its statistics then live in
             # every checkpoint and next to the cache), and never again.
             cache = self.session.directory / f"trunk_features_{self._trunk_key()}.npy"
-            features = self._cached_features(cache, int(model.trunk_dim))
+            cached = self._cached_features(cache, int(model.trunk_dim))
             if (
-                features is not None
+                cached
                 and not trainer.trunk_fitted
                 and not trainer.load_trunk_state(trainer.trunk_state_path(cache))
             ):
-                features = None  # cached features without the statistics they came from
-            if features is None:
-                trainer.cache_features(
-                    self._patch_source, len(self.pool), path=None if self.read_only else cache
-                )
+                cached = False  # cached features without the statistics they came from
+            if not cached:
+                saved = None if self.read_only else cache
+                trainer.cache_features(self._patch_source, len(self.pool), path=saved)
+                if saved is not None and trainer.can_share_features:
+                    # The first embedding reads them back from the file a block at a time:
+                    # holding them (1 GB at a million patches) beside it was the peak.
+                    trainer.release_features()
+                    self._features_file = saved
+            elif trainer.can_share_features:
+                self._features_file = cache  # read into the embedding a block at a time
             else:
-                trainer.set_features(features)
+                trainer.set_features(np.load(cache))
         return trainer
 
-    def _cached_features(self, cache: Any, dim: int) -> np.ndarray | None:
-        """The cached trunk features when the file is whole and fits; None (with a notice
-        when the file was damaged) when they must be computed."""
+    def _cached_features(self, cache: Any, dim: int) -> bool:
+        """Whether the cached trunk features are whole and fit (read a block at a time, not
+        kept); False (with a notice when the file was damaged) when they must be computed."""
         if not cache.exists():
-            return None
+            return False
         want = (len(self.pool), dim)
+        again = "computing the trunk features again"
         try:
-            features = np.load(cache)
-            problem = ""
-            if features.shape != want or features.dtype != np.float32:
-                problem = f"holds {features.shape} {features.dtype}, expected {want} float32"
-            elif not np.isfinite(features).all():
-                problem = "holds NaN or infinite values"
-        except (OSError, ValueError, EOFError) as exc:
-            problem = (
-                f"cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            )
-        if not problem:
-            return features
-        self.session.notify(f"{cache} {problem}; computing the trunk features again")
-        return None
+            shape, blocks = npy_row_blocks(cache, 65_536, again)
+            if shape != want:
+                raise DataError(f"{cache} holds {shape} float32, expected {want} float32; {again}")
+            if not all(np.isfinite(block).all() for block in blocks):
+                raise DataError(f"{cache} holds NaN or infinite values; {again}")
+        except DataError as exc:
+            self.session.notify(str(exc).splitlines()[0])
+            return False
+        return True
 
     def _trunk_key(self) -> str:
         """Identifies cached trunk features: backbone, its options and weights, the pool."""
@@ -818,7 +823,8 @@ class Engine:
         # patches); otherwise (mix = 0) the head embeds the features it keeps.
         model = self.trainer.model
         embeddings = np.empty((len(self.pool), model.embedding_dim), dtype=np.float32)
-        if not self.trainer.share_features(embeddings):
+        saved, self._features_file = self._features_file, None
+        if not self.trainer.share_features(embeddings, saved):
             embeddings = self._embed(reuse=embeddings)
         # The features are cached: the tiles are not read again until someone looks at a
         # patch, so let go of their open files and the blocks GDAL keeps for them.
@@ -951,6 +957,11 @@ class Engine:
         if len(answered) >= target:
             pairs, stats = answered, {"candidates": "recovered"}
         else:
+            # The choice is a round's memory peak (a million patches' neighbour search):
+            # the tiles' open files and the blocks GDAL cached for them while the patches
+            # were looked at (up to 128 MB) are let go of first; they reopen when needed.
+            self.pool.close_files()
+            release_free_memory()
             chosen, stats = self._choose(round_index, rng, target - len(answered))
             pairs = np.concatenate([answered, chosen]) if len(answered) else chosen
         if len(answered):

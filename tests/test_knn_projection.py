@@ -53,3 +53,35 @@ def test_wide_embeddings_graph_finds_the_full_neighbours() -> None:
     keys = candidates.pair_keys(pairs, n)
     recall = candidates.in_sorted(np.array(want, dtype=np.int64), keys).mean()
     assert recall > 0.7, recall
+
+
+def test_ivf_lists_sized_up_front_give_the_neighbours_of_lists_grown_by_faiss(
+    eurosat_embeddings: np.ndarray,
+) -> None:
+    # _ivf_neighbours allocates each list at its final size before faiss adds the points
+    # (less memory than faiss's doubling growth); the search must not see a difference.
+    import faiss
+
+    emb = np.ascontiguousarray(
+        np.tile(eurosat_embeddings, (8, 1))
+        + np.float32(0.01)
+        * np.random.default_rng(4).standard_normal(
+            (8 * len(eurosat_embeddings), eurosat_embeddings.shape[1]), dtype=np.float32
+        )
+    )
+    # The same search with the lists grown by faiss, as before.
+    cells, probe, probe_dist = candidates.ivf_cells(emb)
+    quantizer = faiss.IndexFlatL2(emb.shape[1])
+    quantizer.add(cells)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, emb.shape[1], cells.shape[0], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2
+    )
+    index.train(emb[:1])
+    own_cell = np.ascontiguousarray(probe[:, 0])
+    index.add_core(emb.shape[0], faiss.swig_ptr(emb), None, faiss.swig_ptr(own_cell))
+    index.nprobe = probe.shape[1]
+    _, want = index.search_preassigned(emb, 6, probe, probe_dist)
+    got = np.empty_like(want)
+    for block_rows, nbr in candidates._ivf_neighbours(emb, 5):
+        got[block_rows] = nbr
+    np.testing.assert_array_equal(got, want)

@@ -428,3 +428,59 @@ def test_a_session_on_a_float32_pool_of_before_accepts_its_uint16_rebuild(tmp_pa
             Engine(Session.open(tmp_path / "s"), other, progress=False)
     finally:
         plugins.unregister("brightness-script", "annotators")
+
+
+def test_an_engine_embeds_from_its_saved_features_what_it_embedded_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine writes the trunk features to the session, lets them go, and reads them
+    # back into the first embedding a block of rows at a time (as a resumed session does):
+    # the embedding, and so the pairs chosen from it, are those of the features held.
+    import copy
+
+    from anneal_geo.training import SharedFeatures, Trainer
+    from anneal_geo.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_NORMALISE_BLOCK", 256)  # 1,089 patches: 5 blocks
+    pool_dir = tmp_path / "pool"
+    PatchPool.from_tiles(CELL, 32, progress=False, store="tiles", out=pool_dir)
+    pool = PatchPool.open(pool_dir)
+    plugins.register(BrightnessAnnotator, name="brightness-script")
+    try:
+        config = SessionConfig(
+            data=str(pool_dir), annotator="brightness-script", rounds=2, budget=8, initial=16
+        )
+        session = Session.create(tmp_path / "s", config, {"pool_dir": str(pool_dir)})
+        with Engine(session, pool, progress=False) as engine:
+            first = engine.embeddings.copy()
+            pairs = engine.round_pairs()
+            assert isinstance(engine.trainer.features, SharedFeatures)
+            model = copy.deepcopy(engine.trainer.model)
+        (cache,) = session.directory.glob("trunk_features_*.npy")
+        held = Trainer(model, mode="head", progress=False)
+        held.set_features(np.load(cache))
+        from_memory = np.empty_like(first)
+        assert held.share_features(from_memory) is True
+        np.testing.assert_array_equal(first, from_memory)
+        for read_only in (False, True):
+            with Engine(
+                Session.open(session.directory), pool, progress=False, read_only=read_only
+            ) as engine:
+                np.testing.assert_array_equal(engine.embeddings, first)
+                np.testing.assert_array_equal(engine.round_pairs(), pairs)
+        # A session whose pairs are chosen afresh from the resumed embedding chooses the same.
+        session.pending_path.unlink()
+        with Engine(Session.open(session.directory), pool, progress=False) as engine:
+            np.testing.assert_array_equal(engine.round_pairs(), pairs)
+            # Looking at the patches opens their tiles; choosing the next round's pairs lets
+            # them go (with the blocks GDAL cached) before its neighbour search.
+            for (i, j), value in zip(
+                pairs.tolist(), engine.annotator.checked_annotate(pairs, engine.pool), strict=True
+            ):
+                engine.answer(i, j, value)
+            assert engine.pool.patches._handles._open
+            engine.finish_round()
+            engine.round_pairs()
+            assert not engine.pool.patches._handles._open
+    finally:
+        plugins.unregister("brightness-script", "annotators")

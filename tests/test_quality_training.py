@@ -3,6 +3,7 @@ the engine, the mixed retrieval embedding, and the bounded pair budget of a trai
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -358,3 +359,53 @@ def test_features_are_not_shared_without_mixing(pool: PatchPool) -> None:
     np.testing.assert_array_equal(given, embeddings)
     wrong = np.zeros((64, 3), dtype=np.float32)
     assert mixed.embed(out=wrong) is not wrong and not wrong.any()
+
+
+def test_features_shared_from_the_saved_file_equal_those_shared_from_memory(
+    pool: PatchPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anneal_geo.errors import DataError
+    from anneal_geo.training import trainer as trainer_module
+
+    # Blocks of 64 rows, so that the 283 patches are read back in several blocks.
+    monkeypatch.setattr(trainer_module, "_NORMALISE_BLOCK", 64)
+    trunk = plugins.create("backbones", "texture").checked_build(
+        pool.bands, pool.band_mean.tolist(), pool.band_std.tolist()
+    )
+    model = MetricModel(trunk, out_dim=16, mix=0.5)
+    held = Trainer(model, mode="head", progress=False)
+    saved = tmp_path / "features.npy"
+    held.cache_features(pool.float_patches, len(pool), path=saved)
+    streamed = Trainer(model, mode="head", progress=False)
+    assert streamed.can_share_features and held.can_share_features
+    width = model.embedding_dim
+    from_memory = np.empty((len(pool), width), dtype=np.float32)
+    from_file = np.empty_like(from_memory)
+    assert held.share_features(from_memory) is True
+    assert streamed.share_features(from_file, saved) is True
+    np.testing.assert_array_equal(from_file, from_memory)
+    assert isinstance(streamed.features, SharedFeatures)
+    assert streamed.features.embeddings is from_file
+    np.testing.assert_array_equal(streamed.features.norms, held.features.norms)  # type: ignore[union-attr]
+    # Features held are let go of: the file is read instead.
+    again = Trainer(model, mode="head", progress=False)
+    again.set_features(np.load(saved))
+    other = np.empty_like(from_memory)
+    assert again.share_features(other, saved) is True
+    np.testing.assert_array_equal(other, from_memory)
+    # A file that is not the trunk's features is a one-line error naming it.
+    good = np.load(saved)
+    for bad, message in (
+        (good[:, :10], "holds (283, 10) features"),
+        (np.where(np.arange(len(good))[:, None] == 200, np.nan, good), "NaN or infinite"),
+        (good.astype(np.float64), "expected an (N, D) float32 matrix"),
+    ):
+        np.save(tmp_path / "bad.npy", bad)
+        fresh = Trainer(model, mode="head", progress=False)
+        with pytest.raises(DataError, match=re.escape(message)) as info:
+            fresh.share_features(np.empty_like(from_memory), tmp_path / "bad.npy")
+        assert "bad.npy" in str(info.value) and "\n" not in str(info.value)
+    # Without mixing nothing is shared, from a file or not.
+    plain = Trainer(MetricModel(trunk, out_dim=16, mix=0.0), mode="head", progress=False)
+    assert not plain.can_share_features
+    assert plain.share_features(np.empty((len(pool), 16), dtype=np.float32), saved) is False

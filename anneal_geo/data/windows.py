@@ -224,8 +224,10 @@ class TileWindows:
         return list(seen)
 
     def close(self) -> None:
-        """Close the open file handles (they reopen on the next read)."""
-        self._handles.close()
+        """Close the open file handles (they reopen on the next read); waits for a read
+        in progress on another thread, whose handles it would close under it."""
+        with self._lock:
+            self._handles.close()
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, ids: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anneal_geo._memory import release_free_memory
+from anneal_geo._memory import npy_row_blocks, release_free_memory
 from anneal_geo.errors import ConfigError, DataError
 from anneal_geo.retrieval.plots import plot_results  # drawn there; importable here too
 
@@ -159,41 +159,6 @@ def _session_engine(session_dir: Path, pool: PatchPool, lock: Any = None) -> Any
     return Engine(session, pool, progress=False, lock=lock)
 
 
-def _npy_blocks(path: Path, rows: int) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
-    """The (N, D) shape of a saved ``.npy`` matrix and its rows, ``rows`` at a time.
-
-    Plain reads, not a memory map: the pages of a mapped file count as the process's own
-    memory while they stay mapped."""
-    try:
-        with path.open("rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            offset = handle.tell()
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} cannot be read as a .npy array ({exc}); embed again") from exc
-    if len(shape) != 2 or fortran or dtype != np.float32:
-        raise DataError(
-            f"{path} holds {shape} {dtype}{' (Fortran order)' if fortran else ''}; "
-            "expected an (N, D) float32 matrix"
-        )
-    n, dim = int(shape[0]), int(shape[1])
-
-    def read() -> Iterator[np.ndarray]:
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            for start in range(0, n, rows):
-                count = min(rows, n - start)
-                block = np.fromfile(handle, dtype=np.float32, count=count * dim)
-                if block.size != count * dim:
-                    raise DataError(f"{path} ends before its {n} rows; embed again")
-                yield block.reshape(count, dim)
-
-    return (n, dim), read()
-
-
 #: Rows added to an index at a time when it is filled from a saved embeddings file.
 _ADD_BLOCK = 65_536
 #: Where ``build_index`` keeps a session's embeddings while it fills the index (removed
@@ -283,7 +248,7 @@ class GeoIndex:
 
         blocks: Iterator[np.ndarray]
         if isinstance(embeddings, (str, Path)):
-            (n, dim), blocks = _npy_blocks(Path(embeddings), _ADD_BLOCK)
+            (n, dim), blocks = npy_row_blocks(Path(embeddings), _ADD_BLOCK, "embed again")
             what = str(embeddings)
         else:
             vectors = _as_matrix(embeddings, "embeddings")

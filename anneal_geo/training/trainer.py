@@ -12,14 +12,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from anneal_geo._memory import release_free_memory
+from anneal_geo._memory import npy_row_blocks, release_free_memory
 from anneal_geo.errors import ConfigError, DataError
 from anneal_geo.training.losses import (
     _balanced_contrastive_loss,
@@ -332,11 +332,23 @@ class Trainer:
             return self._features
         return self._features.cpu().numpy()
 
-    def share_features(self, embeddings: np.ndarray) -> bool:
+    @property
+    def can_share_features(self) -> bool:
+        """Whether :meth:`share_features` can keep the features inside the embedding: head
+        mode, ``mix > 0`` and the CPU."""
+        return self.mode == "head" and self.device.type == "cpu" and float(self.model.mix) > 0.0
+
+    def release_features(self) -> None:
+        """Let go of the cached trunk features held in memory (e.g. once
+        :meth:`cache_features` has saved them, to share them from the file)."""
+        self._features = None
+        release_free_memory()
+
+    def share_features(self, embeddings: np.ndarray, saved: str | Path | None = None) -> bool:
         """Keep the cached features inside ``embeddings`` (see :class:`SharedFeatures`),
         let go of the separate copy, and return True.
 
-        Needs head mode, ``mix > 0``, the CPU and an (N, D) C-contiguous float32 array
+        Needs :attr:`can_share_features` and an (N, D) C-contiguous float32 array
         (``D = embedding_dim``); otherwise nothing changes and False is returned.
         ``embeddings`` (its values are not read: ``np.empty`` will do) is written with this
         model's embedding of the features: the feature columns as ``mix / sqrt(1 + mix**2)``
@@ -344,35 +356,59 @@ class Trainer:
         back from them. Every later embedding (:meth:`embed`, training, a resumed session)
         reads the same values back, so a session's embeddings are the same whether it ran
         on or was resumed.
+
+        ``saved``: the features are read from this ``.npy`` (as :meth:`cache_features`
+        saves them) a block of rows at a time, never whole, instead of from the features
+        held (let go of first): a million patches' set-up then holds the embedding alone
+        (1.4 GB) rather than it and the features (1 GB). The values written are the same.
+
+        Raises:
+            DataError: ``saved`` is not a float32 matrix of the trunk's width, ends early
+                or holds NaN or infinite values (found while it is read: the features
+                held are gone by then, and ``embeddings`` is partly written).
         """
         import torch
 
         features = self._features
         if isinstance(features, SharedFeatures):
             return features.embeddings is embeddings
-        mix = float(self.model.mix)
-        if (
-            self.mode != "head"
-            or not isinstance(features, torch.Tensor)
-            or self.device.type != "cpu"
-            or mix <= 0.0
+        if not self.can_share_features or (
+            saved is None and not isinstance(features, torch.Tensor)
         ):
             return False
+        blocks: Iterator[Any]
+        if saved is None:
+            assert isinstance(features, torch.Tensor)
+            n, width = int(features.shape[0]), int(features.shape[1])
+            blocks = (features[i : i + _NORMALISE_BLOCK] for i in range(0, n, _NORMALISE_BLOCK))
+        else:
+            remedy = "compute the trunk features again"
+            (n, width), read = npy_row_blocks(Path(saved), _NORMALISE_BLOCK, remedy)
+            if width != self.model.trunk_dim:
+                raise DataError(
+                    f"{saved} holds ({n}, {width}) features, expected (N, "
+                    f"{self.model.trunk_dim}); {remedy}"
+                )
+            blocks = (torch.from_numpy(_finite(block, saved, remedy)) for block in read)
         start = int(self.model.out_dim)
         if not (
             isinstance(embeddings, np.ndarray)
             and embeddings.dtype == np.float32
-            and embeddings.shape == (len(features), start + features.shape[1])
+            and embeddings.shape == (n, start + width)
             and embeddings.flags.c_contiguous
             and embeddings.flags.writeable
         ):
             return False
-        norms = _write_unit_columns(features, embeddings, start, mix / math.sqrt(1.0 + mix * mix))
+        if saved is not None:
+            features = None
+            self.release_features()
+        mix = float(self.model.mix)
+        norms = _write_unit_columns(blocks, n, embeddings, start, mix / math.sqrt(1.0 + mix * mix))
         shared = SharedFeatures(embeddings, start, norms)
         self._features = shared
         # The separate features go before the head's pass: they and its temporaries were
         # the peak of a million-patch session's set-up.
-        del features
+        del features, blocks
         release_free_memory()
         self._embed_shared(shared, embeddings)
         return True
@@ -927,21 +963,32 @@ class Trainer:
 
 
 def _write_unit_columns(
-    features: torch.Tensor, embeddings: np.ndarray, start: int, scale: float
+    blocks: Iterable[torch.Tensor], n: int, embeddings: np.ndarray, start: int, scale: float
 ) -> np.ndarray:
-    """Write ``scale`` times the L2-normalised ``features`` into the columns ``start:`` of
-    ``embeddings``, a block of rows at a time; return the rows' norms, (N,) float32."""
+    """Write ``scale`` times the L2-normalised features into the columns ``start:`` of
+    ``embeddings``, from ``blocks`` of consecutive rows of them (``n`` rows in all); return
+    the rows' norms, (N,) float32."""
     import torch
 
-    norms = np.empty(len(features), dtype=np.float32)
+    norms = np.empty(n, dtype=np.float32)
+    first = 0
     with torch.inference_mode():
-        for first in range(0, len(features), _NORMALISE_BLOCK):
-            rows = slice(first, first + _NORMALISE_BLOCK)
-            block = features[rows]
+        for block in blocks:
+            rows = slice(first, first + len(block))
             length = torch.linalg.vector_norm(block, dim=1, keepdim=True)
             norms[rows] = length[:, 0].numpy()
             embeddings[rows, start:] = (block / length.clamp_min(1e-12) * scale).numpy()
+            first += len(block)
+    if first != n:
+        raise DataError(f"{n} rows of features expected, {first} read")
     return norms
+
+
+def _finite(block: np.ndarray, path: str | Path, remedy: str) -> np.ndarray:
+    """``block`` of features read from ``path``, checked for NaN and infinite values."""
+    if not np.isfinite(block).all():
+        raise DataError(f"{path} holds NaN or infinite values; {remedy}")
+    return block
 
 
 def _atomic_save(target: Path, write: Callable[[Any], None]) -> None:
