@@ -136,13 +136,17 @@ def unique_sorted(values: np.ndarray) -> np.ndarray:
     Returns:
         the sorted distinct values, same dtype.
     """
-    out = np.sort(np.asarray(values).reshape(-1))
-    if out.size < 2:
-        return out
-    keep = np.empty(out.size, dtype=bool)
+    return _drop_repeats(np.sort(np.asarray(values).reshape(-1)))
+
+
+def _drop_repeats(ordered: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted 1-D array (the array itself below two values)."""
+    if ordered.size < 2:
+        return ordered
+    keep = np.empty(ordered.size, dtype=bool)
     keep[0] = True
-    np.not_equal(out[1:], out[:-1], out=keep[1:])
-    return out[keep]
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def _union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -604,12 +608,7 @@ def _knn_edge_keys(
     del blocks
     keys = keys[:filled]
     keys.sort()
-    if keys.size < 2:
-        return keys.copy()
-    keep_key = np.empty(keys.size, dtype=bool)
-    keep_key[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=keep_key[1:])
-    return keys[keep_key]
+    return _drop_repeats(keys) if keys.size >= 2 else keys.copy()
 
 
 def _sample_far_keys(
