@@ -102,6 +102,8 @@ VARIANT_KEYS = {
     "trim_loss": float,
     "initial_nn_fraction": float,
     "initial_design": str,
+    "embedding_dim": int,
+    "shortlist_factor": int,
 }
 
 
@@ -151,6 +153,8 @@ def run_method(
         trim_loss=_setting(args, "trim_loss"),
         initial_nn_fraction=_setting(args, "initial_nn_fraction"),
         initial_design=_setting(args, "initial_design"),
+        embedding_dim=_setting(args, "embedding_dim"),
+        shortlist_factor=_setting(args, "shortlist_factor"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
