@@ -1114,7 +1114,12 @@ class Engine:
 
         labels = self.pool.labels if self.pool.multilabel else self.pool.single_labels()
         metrics = evaluate(
-            self.embeddings, labels, self.archive_ids, self.query_ids, map_k=self.config.eval_k
+            self.embeddings,
+            labels,
+            self.archive_ids,
+            self.query_ids,
+            map_k=self.config.eval_k,
+            query_expansion=self.config.query_expansion,
         )
         return {
             k: (round(float(v), 5) if isinstance(v, float) and math.isfinite(v) else v)

@@ -131,6 +131,14 @@ class SessionConfig:
             similar and of its dissimilar pairs with the largest loss (small-loss selection);
             0 (default) trains on every pair.
         embedding_dim: D of the metric space.
+        query_expansion: retrieval averages each query's embedding with those of its this
+            many nearest archive patches before ranking (average query expansion; 0 = off).
+            It changes what is retrieved, not what is trained or asked: the held-out
+            evaluation and the index of the session (and of its exported model) search this
+            way. 5 was chosen on the validation splits of both EuroSAT sets from 0, 1, 2, 3,
+            5 and 10: the best or level score with correct answers and with 10 % of them
+            flipped on both (RGB +0.011 and +0.018 mAP@20 at 2,000 answers, MS +0.002 and
+            +0.015 at 500).
         query_fraction: share of each class held out as retrieval queries.
         eval_k: k of mAP@k.
         bands: band names to use, in order (None = all of the pool's bands).
@@ -163,6 +171,7 @@ class SessionConfig:
     repair: str = "none"
     trim_loss: float = 0.0
     embedding_dim: int = 128
+    query_expansion: int = 5
     query_fraction: float = 0.2
     eval_k: int = 20
     bands: list[str] | None = None
@@ -211,6 +220,7 @@ SETTINGS_ADDED_LATER: dict[str, Any] = {
     "lr": 1e-3,
     "initial_design": "random",
     "ema": 0.0,
+    "query_expansion": 0,
 }
 
 
@@ -236,6 +246,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lr": ("above 0 and at most 1", lambda v: 0.0 < v <= 1.0),
     "ema": ("in [0, 1)", lambda v: 0.0 <= v < 1.0),
     "embedding_dim": ("at least 1", lambda v: v >= 1),
+    "query_expansion": ("0 (off) or more", lambda v: v >= 0),
     "query_fraction": ("in (0, 1)", lambda v: 0.0 < v < 1.0),
     "eval_k": ("at least 1", lambda v: v >= 1),
     "threads": ("0 (library default) or more", lambda v: v >= 0),

@@ -104,6 +104,7 @@ VARIANT_KEYS = {
     "initial_design": str,
     "embedding_dim": int,
     "shortlist_factor": int,
+    "query_expansion": int,
 }
 
 
@@ -155,6 +156,7 @@ def run_method(
         initial_design=_setting(args, "initial_design"),
         embedding_dim=_setting(args, "embedding_dim"),
         shortlist_factor=_setting(args, "shortlist_factor"),
+        query_expansion=_setting(args, "query_expansion"),
         threads=int(getattr(args, "threads", 0) or 0),
         annotator_options={"noise": noise} if noise else {},
         **method,
@@ -384,6 +386,7 @@ def cell_settings(args: argparse.Namespace, variant: dict[str, Any]) -> dict[str
         "train_mode": args.train_mode,
         "transitivity": args.transitivity,
         "initial_design": args.initial_design,
+        "query_expansion": args.query_expansion,
         **variant,
     }
     settings["rounds"] = math.ceil((settings["answers"] - settings["initial"]) / settings["budget"])
@@ -471,23 +474,26 @@ def run_cell(
         return baselines.class_label_active_learning(
             feats, labels, archive, query, [float(b) for b in schedule],
             seed=seed, mix=settings["mix"], epochs=settings["epochs"],
+            query_expansion=settings["query_expansion"],
         )  # fmt: skip
     if method == SUPERVISED:
         assert feats is not None
         return baselines.fully_supervised(
             feats, labels, archive, query, seed=seed, mix=settings["mix"],
             margin=settings["margin"], epochs=settings["epochs"], rounds=len(schedule),
-            pair_budget=settings["pair_budget"],
+            pair_budget=settings["pair_budget"], query_expansion=settings["query_expansion"],
         )  # fmt: skip
     if method == SUPERVISED_CE:
         assert feats is not None
         return baselines.cross_entropy_bound(
-            feats, labels, archive, query, seed=seed, mix=settings["mix"]
-        )
+            feats, labels, archive, query, seed=seed, mix=settings["mix"],
+            query_expansion=settings["query_expansion"],
+        )  # fmt: skip
     if method == CNN:
         return baselines.small_cnn_end_to_end(
             pool, labels, archive, query, seed=seed, margin=settings["margin"],
             rounds=args.cnn_rounds, pair_budget=settings["pair_budget"],
+            query_expansion=settings["query_expansion"],
             on_round=lambda r, v: print(f"    small CNN round {r}: mAP@20 {v:.3f}", flush=True),
         )  # fmt: skip
     raise SystemExit(f"unknown method {method!r}; known: {', '.join([*METHODS, *BASELINES])}")
@@ -587,6 +593,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="the head's learning rate")
     parser.add_argument(
         "--ema", type=float, default=DEFAULTS.ema, help="decay of the head's weight average"
+    )
+    parser.add_argument(
+        "--query-expansion",
+        type=int,
+        default=DEFAULTS.query_expansion,
+        help="nearest archive items each query is averaged with before ranking (0 = off); "
+        "every method and baseline retrieves so",
     )
     parser.add_argument(
         "--baseline-epochs",

@@ -125,12 +125,16 @@ class SharedFeatures:
 
 
 def _evaluate(
-    embeddings: np.ndarray, labels: np.ndarray, archive: np.ndarray, query: np.ndarray
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    archive: np.ndarray,
+    query: np.ndarray,
+    query_expansion: int = 0,
 ) -> dict[str, float]:
-    return {
-        k: round(float(v), 5) if isinstance(v, float) else v
-        for k, v in evaluate(embeddings, labels, archive, query).items()
-    }
+    """``evaluate`` rounded; each baseline retrieves as the pair methods do (the same
+    ``query_expansion``)."""
+    metrics = evaluate(embeddings, labels, archive, query, query_expansion=query_expansion)
+    return {k: round(float(v), 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def _balanced_images(
@@ -196,6 +200,7 @@ def class_label_active_learning(
     seed: int,
     mix: float,
     epochs: int,
+    query_expansion: int = 0,
 ) -> list[dict[str, Any]]:
     """Class-label active learning at the pair methods' annotation bits.
 
@@ -237,7 +242,7 @@ def class_label_active_learning(
                 "labelled_images": len(labelled),
                 "train_steps": steps,
                 "seconds": round(time.perf_counter() - t, 3),
-                **_evaluate(clf.embed(x), labels, archive, query),
+                **_evaluate(clf.embed(x), labels, archive, query, query_expansion),
             }
         )
     return records
@@ -252,6 +257,7 @@ def cross_entropy_bound(
     seed: int,
     mix: float,
     steps: int = 4000,
+    query_expansion: int = 0,
 ) -> dict[str, Any]:
     """The classifier of :func:`class_label_active_learning` trained on every archive label."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -261,7 +267,7 @@ def cross_entropy_bound(
     return {
         "train_steps": steps,
         "seconds": round(time.perf_counter() - t, 2),
-        **_evaluate(clf.embed(x), labels, archive, query),
+        **_evaluate(clf.embed(x), labels, archive, query, query_expansion),
     }
 
 
@@ -283,6 +289,7 @@ def fully_supervised(
     epochs: int,
     rounds: int,
     pair_budget: int,
+    query_expansion: int = 0,
 ) -> dict[str, Any]:
     """The pair methods' head and loss trained on every pair of the archive's labels.
 
@@ -306,13 +313,13 @@ def fully_supervised(
     t = time.perf_counter()
     for _ in range(rounds):
         trainer.train_round(pairs, y, implied=implied)
-        curve.append(_evaluate(trainer.embed(), labels, archive, query)["map@20"])
+        curve.append(_evaluate(trainer.embed(), labels, archive, query, query_expansion)["map@20"])
     return {
         "rounds": rounds,
         "pairs": len(pairs),
         "seconds": round(time.perf_counter() - t, 2),
         "map@20_by_round": curve,
-        **_evaluate(trainer.embed(), labels, archive, query),
+        **_evaluate(trainer.embed(), labels, archive, query, query_expansion),
     }
 
 
@@ -327,6 +334,7 @@ def small_cnn_end_to_end(
     rounds: int,
     pair_budget: int,
     on_round: Callable[[int, float], None] | None = None,
+    query_expansion: int = 0,
 ) -> dict[str, Any]:
     """The ``smallcnn`` trunk and head trained end to end (``full`` mode: flips, rotations,
     every labelled pair among a batch) on every pair of the archive's labels."""
@@ -349,7 +357,7 @@ def small_cnn_end_to_end(
         trainer.train_round(pairs, y, pool.float_patches, len(pool), implied=implied)
         if r == rounds - 1 or (r + 1) % 5 == 0:
             emb = trainer.embed(pool.float_patches, len(pool))
-            value = _evaluate(emb, labels, archive, query)["map@20"]
+            value = _evaluate(emb, labels, archive, query, query_expansion)["map@20"]
             curve.append([r + 1, value])
             if on_round is not None:
                 on_round(r + 1, value)
@@ -359,5 +367,5 @@ def small_cnn_end_to_end(
         "steps_per_round": trainer.max_steps,
         "seconds": round(time.perf_counter() - t, 2),
         "map@20_by_round": curve,
-        **_evaluate(emb, labels, archive, query),
+        **_evaluate(emb, labels, archive, query, query_expansion),
     }

@@ -314,14 +314,41 @@ def test_a_session_index_uses_the_session_embeddings(pool_dir, tmp_path) -> None
             "session": str(session.directory.resolve()),
             "round": 1,
             "bands": BANDS,
+            "query_expansion": 5,
         }
         geo = GeoIndex.load(session.directory)
         np.testing.assert_allclose(geo.vectors(np.arange(len(pool))), embeddings, atol=1e-6)
+        # Searches expand the query as the session's evaluation does: patch 7 averaged with
+        # its 5 nearest other patches, then ranked; inside an area the neighbours still come
+        # from the whole pool.
+        vectors = geo.vectors(np.arange(len(pool)))
+        near = exact_neighbours(vectors, vectors[7], [7])[:5]
+        expanded = (vectors[7] + vectors[near].sum(axis=0)) / 6
+        assert geo.query_patch(7, k=8)["patch_id"].tolist() == exact_neighbours(
+            vectors, expanded, [7]
+        )[:8].tolist()
+        allowed = np.arange(100, 200)
+        _, inside = geo.search(vectors[7], 4, exclude=np.array([7]), allowed=allowed)
+        order = exact_neighbours(vectors, expanded, [7])
+        assert inside.tolist() == order[np.isin(order, allowed)][:4].tolist()
+        _, plain = geo.search(vectors[7], 8, exclude=np.array([7]), query_expansion=0)
+        assert plain.tolist() == exact_neighbours(vectors, vectors[7], [7])[:8].tolist()
+        with pytest.raises(ConfigError, match="query_expansion=-1 is not a whole number"):
+            geo.search(vectors[7], 4, query_expansion=-1)
+        del geo.meta["embedder"]["query_expansion"]  # an index saved before the setting
+        assert geo.query_expansion == 0
+        geo.meta["embedder"]["query_expansion"] = 5
         row, col = pool.footprints.loc[200, ["row_off", "col_off"]]
         write_window(tmp_path / "patch.tif", int(row), int(col), 64, BANDS)
-        results = geo.query_image(tmp_path / "patch.tif", k=3)
-        geo.close()
+        results = geo.query_image(tmp_path / "patch.tif", k=3, query_expansion=0)
         assert results["patch_id"].iloc[0] == 200 and results["distance"].iloc[0] < 1e-3
+        assert results.attrs["query"]["query_expansion"] == 0
+        expanded = geo.query_image(tmp_path / "patch.tif", k=3)
+        geo.close()
+        assert expanded.attrs["query"]["query_expansion"] == 5
+        # The image's embedding is patch 200's: expanded as patch 200 is with itself kept.
+        own = geo.query_patch(200, k=3, include_query=True)
+        assert expanded["patch_id"].tolist() == own["patch_id"].tolist()
         assert geo.staleness() is None
         with Engine(session, pool, progress=False) as engine:
             engine.run(rounds=1)  # the session moves on: the index is now out of date

@@ -149,6 +149,8 @@ def test_export_writes_a_card_and_plain_weights(model_dir, session, left_pool) -
     # The default embedding keeps the frozen features: head output + mixed-in features.
     assert head["mix"] == SessionConfig().mix > 0
     assert card["embedding"]["dim"] == 32 + backbone["out_dim"]
+    # An index built with the model searches as the session evaluated.
+    assert card["embedding"]["query_expansion"] == SessionConfig().query_expansion == 5
     with PairStore(Path(session[0]) / "annotations.sqlite") as store:
         counts = store.count_by_answer()
     assert card["session"]["answers"] == sum(counts.values()) == 30
@@ -229,10 +231,19 @@ def test_index_a_new_pool_with_the_model_and_query_it(model_dir, right_pool, tmp
     geo = GeoIndex.load(tmp_path / "index", pool=PatchPool.open(right_pool))
     vectors = geo.vectors(np.arange(len(geo)))
     np.testing.assert_allclose(vectors, load_model(model_dir).embed(geo.pool), atol=1e-6)
-    results = geo.query_patch(40, k=5)
     distances = np.linalg.norm(vectors - vectors[40], axis=1)
     distances[40] = np.inf
-    assert results["patch_id"].tolist() == np.argsort(distances, kind="stable")[:5].tolist()
+    plain = np.argsort(distances, kind="stable")
+    # The model's query expansion: patch 40 averaged with its 5 nearest other patches.
+    assert built.meta["embedder"]["query_expansion"] == geo.query_expansion == 5
+    expanded = (vectors[40] + vectors[plain[:5]].sum(axis=0)) / 6
+    to_expanded = np.linalg.norm(vectors - expanded, axis=1)
+    to_expanded[40] = np.inf
+    results = geo.query_patch(40, k=5)
+    assert results["patch_id"].tolist() == np.argsort(to_expanded, kind="stable")[:5].tolist()
+    np.testing.assert_allclose(results["distance"], np.sort(to_expanded)[:5], atol=1e-5)
+    _, ids = geo.search(vectors[40], 5, exclude=np.array([40]), query_expansion=0)
+    assert ids.tolist() == plain[:5].tolist()
     assert set(results["acquired"]) == {"2020-02-23"}
     # A query image in the pool's own 12 bands is embedded by the model too.
     row, col = geo.pool.footprints.loc[77, ["row_off", "col_off"]]
@@ -248,7 +259,7 @@ def test_index_a_new_pool_with_the_model_and_query_it(model_dir, right_pool, tmp
     with rasterio.open(tmp_path / "patch.tif", "w", **profile) as dst:
         dst.write(np.stack(data).astype(np.float32))
         dst.descriptions = tuple(BANDS)
-    found = geo.query_image(tmp_path / "patch.tif", k=3)
+    found = geo.query_image(tmp_path / "patch.tif", k=3, query_expansion=0)  # a look-up
     geo.close()
     assert found["patch_id"].iloc[0] == 77 and found["distance"].iloc[0] < 1e-3
     with pytest.raises(DataError) as exc:
@@ -398,6 +409,16 @@ def test_damaged_or_missing_models_and_unfinished_sessions_are_refused(
     with pytest.raises(DataError) as exc:
         load_model(copy)
     assert "lacks the [head] table" in one_line(exc)
+    (copy / "weights.safetensors").write_bytes((model_dir / "weights.safetensors").read_bytes())
+    card = (model_dir / CARD_FILE).read_text()
+    card = card.replace("query_expansion = 5", "query_expansion = -2")
+    (copy / CARD_FILE).write_text(card)
+    with pytest.raises(DataError) as exc:
+        load_model(copy)
+    assert "model.toml: [embedding] query_expansion = -2 is not a whole number" in one_line(exc)
+    card = (model_dir / CARD_FILE).read_text().replace("query_expansion = 5\n", "")
+    (copy / CARD_FILE).write_text(card)
+    assert load_model(copy).query_expansion == 0  # exported before the setting: no expansion
     config = SessionConfig(data=str(left_pool), rounds=0, initial=20)
     fresh = Session.create(tmp_path / "fresh", config, {"pool_dir": str(left_pool)})
     with pytest.raises(SessionError) as exc:

@@ -108,9 +108,10 @@ def test_settings_added_after_0_1_0_keep_an_old_session_behaving_as_before(
     assert opened.lr == 1e-3  # the head's learning rate before it became a setting
     assert opened.initial_design == "random"  # round 0 as it was picked then
     assert opened.ema == 0.0  # the last trained weights embed, as before averaging
+    assert opened.query_expansion == 0  # queries ranked as they are, as before expansion
     fresh = SessionConfig()
-    before = (opened.mix, opened.pair_budget, opened.lr, opened.ema)
-    assert (fresh.mix, fresh.pair_budget, fresh.lr, fresh.ema) != before
+    before = (opened.mix, opened.pair_budget, opened.lr, opened.ema, opened.query_expansion)
+    assert (fresh.mix, fresh.pair_budget, fresh.lr, fresh.ema, fresh.query_expansion) != before
 
 
 def test_the_current_writer_gives_the_same_session(old_session: Path, tmp_path: Path) -> None:

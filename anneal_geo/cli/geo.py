@@ -105,6 +105,12 @@ def query(
     before: str | None = typer.Option(
         None, "--before", help="Only results acquired on or before DATE (YYYY-MM-DD)."
     ),
+    query_expansion: int | None = typer.Option(
+        None,
+        "--query-expansion",
+        help="Average the query with its N nearest patches before ranking (default: the "
+        "session's or model's setting; 0 = rank by the query alone, e.g. to look up an image).",
+    ),
 ) -> None:
     """Find the patches most similar to a patch, a place, a box or an image, optionally
     only within an area (--within) and a time window (--after, --before): the filters apply
@@ -127,17 +133,18 @@ def query(
     if note:
         typer.echo(f"note: {note}", err=True)
     try:
+        how = {"filters": filters, "query_expansion": query_expansion}
         if patch is not None:
-            results = geo.query_patch(patch, k, include_query=include_query, filters=filters)
+            results = geo.query_patch(patch, k, include_query=include_query, **how)
         elif point is not None:
             lon, lat = numbers(point, 2, "--point", "103.75,17.92")
-            results = geo.query_point(lon, lat, k, include_query=include_query, filters=filters)
+            results = geo.query_point(lon, lat, k, include_query=include_query, **how)
         elif bbox is not None:
             w, s, e, n = numbers(bbox, 4, "--bbox", "103.72,17.90,103.76,17.93")
-            results = geo.query_bbox(w, s, e, n, k, include_query=include_query, filters=filters)
+            results = geo.query_bbox(w, s, e, n, k, include_query=include_query, **how)
         else:
             assert image is not None
-            results = geo.query_image(image, k, filters=filters)
+            results = geo.query_image(image, k, **how)
         _show(results)
         if out is not None:
             typer.echo(f"wrote {len(results)} results to {export_results(results, out)}")

@@ -196,6 +196,10 @@ def run(
         _DEFAULTS.mix, help="Weight of the normalised frozen trunk features kept in the embedding "
         "(0 = the head's output alone)."
     ),
+    query_expansion: int = typer.Option(
+        _DEFAULTS.query_expansion, help="Retrieval averages each query with its this many "
+        "nearest archive patches before ranking (0 = off); evaluation and the index."
+    ),
     transitivity: str = typer.Option(
         _DEFAULTS.transitivity, help="What the answers imply: full (similar groups and "
         "dissimilar cross pairs), similar (groups only) or none (the answers alone)."
@@ -264,6 +268,7 @@ def run(
         "ema": ema,
         "margin": margin,
         "mix": mix,
+        "query_expansion": query_expansion,
         "transitivity": transitivity,
         "repair": repair,
         "bands": split_bands(bands),

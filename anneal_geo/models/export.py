@@ -159,7 +159,11 @@ def _session_model(session_dir: str | Path) -> tuple[Model, dict[str, torch.Tens
             "mix": float(model.mix),
             "normalise": "l2",
         },
-        "embedding": {"dim": int(model.embedding_dim), "metric": "euclidean on unit vectors"},
+        "embedding": {
+            "dim": int(model.embedding_dim),
+            "metric": "euclidean on unit vectors",
+            "query_expansion": int(cfg.query_expansion),
+        },
         "session": {
             "path": str(session.directory.resolve()),
             "round": int(round_index),

@@ -147,6 +147,9 @@ class Model:
         path: the model directory (None for a model built in memory from a session).
         bands: the band names the model takes, in input order.
         dim: the embedding dimension D.
+        query_expansion: how many nearest patches an index built with the model averages
+            each query with before ranking (the session's setting; 0 for models exported
+            before it existed).
     """
 
     def __init__(
@@ -157,6 +160,14 @@ class Model:
         self.path = path
         self.bands: list[str] = [str(b) for b in card["input"]["bands"]]
         self.dim = int(card["embedding"]["dim"])
+        expansion = card["embedding"].get("query_expansion", 0)
+        if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 0:
+            where = path / "model.toml" if path is not None else "the model card"
+            raise DataError(
+                f"{where}: [embedding] query_expansion = {expansion!r} is not a whole number "
+                "of 0 or more; correct it or export the model again"
+            )
+        self.query_expansion = expansion
 
     def __repr__(self) -> str:
         where = f", {self.path}" if self.path is not None else ""

@@ -4,7 +4,7 @@ Importing this package does not import faiss; the search functions import it whe
 """
 
 from anneal_geo.retrieval.evaluate import evaluate, relevance_matrix
-from anneal_geo.retrieval.index import exact_search, rank_all
+from anneal_geo.retrieval.index import exact_search, expand_queries, rank_all
 from anneal_geo.retrieval.metrics import (
     average_precision,
     count_unscorable,
@@ -21,6 +21,7 @@ __all__ = [
     "count_unscorable",
     "evaluate",
     "exact_search",
+    "expand_queries",
     "map_at_r",
     "mean_average_precision",
     "mean_over_queries",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from anneal_geo.errors import ConfigError, DataError
-from anneal_geo.retrieval.index import rank_all
+from anneal_geo.retrieval.index import expand_queries, rank_all
 from anneal_geo.retrieval.metrics import (
     average_precision,
     count_unscorable,
@@ -86,6 +86,7 @@ def evaluate(
     query_ids: np.ndarray | Sequence[int],
     ks: Sequence[int] = (10, 20, 50),
     map_k: int = 20,
+    query_expansion: int = 0,
 ) -> dict[str, float]:
     """Retrieval quality of ``embeddings``: each query ranks the archive by Euclidean distance.
 
@@ -103,6 +104,9 @@ def evaluate(
         query_ids: patch ids of the held-out queries, disjoint from the archive.
         ks: cut-offs of the precision metrics ``p@k``.
         map_k: cut-off of ``map@{map_k}`` (AP@k normalised by min(k, relevant items)).
+        query_expansion: each query is first averaged with its this many nearest archive
+            items (average query expansion, :func:`~anneal_geo.retrieval.index.expand_queries`),
+            as the retrieval index searches; 0 ranks by the query embeddings themselves.
 
     Returns:
         ``{"map@{map_k}", "map", "p@{k}" for k in ks, "map@r", "n_queries",
@@ -132,6 +136,7 @@ def evaluate(
 
     n_archive = archive.size
     archive_emb = emb[archive]
+    query_emb = expand_queries(archive_emb, emb[queries], query_expansion)
     archive_lab = lab[archive]
     per_query: dict[str, list[np.ndarray]] = {"ap_k": [], "ap": [], "map_r": []}
     per_query.update({f"p{k}": [] for k in cutoffs})
@@ -139,7 +144,7 @@ def evaluate(
     block = max(1, _BLOCK_ENTRIES // n_archive)
     for start in range(0, queries.size, block):
         ids = queries[start : start + block]
-        _, order = rank_all(archive_emb, emb[ids])
+        _, order = rank_all(archive_emb, query_emb[start : start + block])
         relevant = relevance_matrix(lab[ids], archive_lab)
         n_rel = relevant.sum(axis=1)
         ranked = np.take_along_axis(relevant, order, axis=1)

@@ -353,6 +353,8 @@ def query_layer(results: Any) -> Any:
         "within": [filters.get("within")] * len(rows),
         "after": [filters.get("after")] * len(rows),
         "before": [filters.get("before")] * len(rows),
+        # How many nearest patches the query was averaged with before ranking (0 = none).
+        "query_expansion": np.full(len(rows), int(query.get("query_expansion", 0)), np.int64),
     }
     layer = gpd.GeoDataFrame(frame, geometry=[g for _, g in rows], crs="EPSG:4326")
     for column in ("within", "after", "before"):

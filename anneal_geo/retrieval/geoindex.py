@@ -188,6 +188,7 @@ def _session_embeddings(
         "session": str(session_dir.resolve()),
         "round": None if latest is None else latest[0],
         "bands": bands,
+        "query_expansion": int(session.config.query_expansion),
     }
     return embeddings, embedder, pool
 
@@ -465,36 +466,65 @@ class GeoIndex:
         arr = self.pool._check_ids(ids).reshape(-1)
         return np.asarray(self.index.reconstruct_batch(arr), dtype=np.float32)
 
+    @property
+    def query_expansion(self) -> int:
+        """How many nearest patches each query is averaged with before ranking (average
+        query expansion; 0 = off): the session's or the model's ``query_expansion`` setting
+        (0 for a bare pool's spectral features and for indexes saved before it existed)."""
+        return int(self.meta["embedder"].get("query_expansion", 0))
+
     def search(
         self,
         vectors: np.ndarray,
         k: int,
         exclude: np.ndarray | None = None,
         allowed: np.ndarray | None = None,
+        query_expansion: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest patches of one query vector, leaving out ``exclude``.
 
         ``allowed`` (sorted patch ids, from :meth:`SearchFilter.allowed
         <anneal_geo.retrieval.filters.SearchFilter.allowed>`) restricts the search to those
-        patches before ranking.
+        patches before ranking. With query expansion (``query_expansion``, default
+        :attr:`query_expansion`) the query is first averaged with its that many nearest
+        patches of the whole index other than ``exclude``
+        (:func:`~anneal_geo.retrieval.index.average_expansion`), as the session's
+        evaluation ranks; distances are then to that average.
 
         Returns:
             ``(distances, patch_ids)``, each (k',) with k' = min(k, patches left), by
             ascending Euclidean distance.
         """
-        import faiss
+        from anneal_geo.retrieval.index import average_expansion
 
         k = _check_k(k)
+        n = self._expansion(query_expansion)
         query = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(1, -1))
         if query.shape[1] != self.index.d:
             raise DataError(
                 f"the query has {query.shape[1]} dimensions but the index {self.index.d}; "
                 "embed it with the index's embedder"
             )
-        skip = np.zeros(0, dtype=np.int64) if exclude is None else np.asarray(exclude).ravel()
-        if allowed is not None:
-            skip = skip[np.isin(skip, allowed)]
+        left_out = np.zeros(0, dtype=np.int64) if exclude is None else np.asarray(exclude).ravel()
+        if n > 0:
+            squared, ids = self._nearest(query, min(int(n) + left_out.size, len(self)), None)
+            near = ids[(ids >= 0) & ~np.isin(ids, left_out)][: int(n)]
+            if near.size:
+                query = average_expansion(query, self.vectors(near)[None])
+        skip = left_out if allowed is None else left_out[np.isin(left_out, allowed)]
         want = min(k + skip.size, len(self) if allowed is None else len(allowed))
+        squared, ids = self._nearest(query, want, allowed)
+        mask = (ids >= 0) & ~np.isin(ids, skip)
+        distances = np.sqrt(np.maximum(squared[mask], 0.0)).astype(np.float32)
+        return distances[:k], ids[mask][:k]
+
+    def _nearest(
+        self, query: np.ndarray, want: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``want`` nearest (squared distances, ids) of one (1, D) query, among
+        ``allowed`` when given (ids -1 where fewer exist)."""
+        import faiss
+
         # One query is too little work to share: on a busy machine faiss's OpenMP threads
         # made a single exact search over 10k vectors 600x slower (47 ms instead of 0.08).
         threads = faiss.omp_get_max_threads()
@@ -502,16 +532,13 @@ class GeoIndex:
         try:
             if allowed is None:
                 squared, ids = self.index.search(query, want)
-                squared, ids = squared[0], ids[0].astype(np.int64)
-            else:
-                from anneal_geo.retrieval.filters import restricted_search
+                return squared[0], ids[0].astype(np.int64)
+            from anneal_geo.retrieval.filters import restricted_search
 
-                squared, ids = restricted_search(self.index, query, want, allowed)
+            squared, ids = restricted_search(self.index, query, want, allowed)
+            return squared, ids
         finally:
             faiss.omp_set_num_threads(threads)
-        mask = (ids >= 0) & ~np.isin(ids, skip)
-        distances = np.sqrt(np.maximum(squared[mask], 0.0)).astype(np.float32)
-        return distances[:k], ids[mask][:k]
 
     def _frame(self, distances: np.ndarray, ids: np.ndarray, query: dict[str, Any]) -> Any:
         """The results GeoDataFrame (see :data:`RESULT_COLUMNS`)."""
@@ -579,15 +606,33 @@ class GeoIndex:
         *,
         include_query: bool = False,
         filters: SearchFilter | None = None,
+        query_expansion: int | None = None,
     ) -> Any:
         """The ``k`` patches most similar to pool patch ``patch_id`` (itself left out unless
-        ``include_query``), among those passing ``filters`` (area, dates) when given."""
+        ``include_query``), among those passing ``filters`` (area, dates) when given.
+        ``query_expansion`` overrides the index's (see :meth:`search`); so do the other
+        ``query_*`` methods'."""
         pid = int(self.pool._check_ids(patch_id))
         allowed, described = self._filtered(self.pool, filters)
+        expansion = self._expansion(query_expansion)
         distances, ids = self.search(
-            self.vectors([pid])[0], k, None if include_query else np.array([pid]), allowed
+            self.vectors([pid])[0],
+            k,
+            None if include_query else np.array([pid]),
+            allowed,
+            query_expansion=expansion,
         )
-        return self._frame(distances, ids, {"kind": "patch", "patch_ids": [pid], **described})
+        query = {"kind": "patch", "patch_ids": [pid], "query_expansion": expansion}
+        return self._frame(distances, ids, {**query, **described})
+
+    def _expansion(self, query_expansion: int | None) -> int:
+        """The query expansion a search uses: the given one, else the index's."""
+        n = self.query_expansion if query_expansion is None else query_expansion
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(
+                f"query_expansion={n!r} is not a whole number of neighbours (0 = off)"
+            )
+        return int(n)
 
     def patch_at(self, lon: float, lat: float) -> int:
         """The patch whose footprint contains (lon, lat); of several, the one whose centre is
@@ -624,10 +669,13 @@ class GeoIndex:
         *,
         include_query: bool = False,
         filters: SearchFilter | None = None,
+        query_expansion: int | None = None,
     ) -> Any:
         """The ``k`` patches most similar to the patch at (lon, lat) (EPSG:4326)."""
         pid = self.patch_at(lon, lat)
-        frame = self.query_patch(pid, k, include_query=include_query, filters=filters)
+        frame = self.query_patch(
+            pid, k, include_query=include_query, filters=filters, query_expansion=query_expansion
+        )
         frame.attrs["query"] = {**frame.attrs["query"], "kind": "point", "point": [lon, lat]}
         return frame
 
@@ -641,6 +689,7 @@ class GeoIndex:
         *,
         include_query: bool = False,
         filters: SearchFilter | None = None,
+        query_expansion: int | None = None,
     ) -> Any:
         """The ``k`` patches most similar to the mean embedding of the patches that
         intersect the box (EPSG:4326); those patches are left out unless ``include_query``.
@@ -663,20 +712,42 @@ class GeoIndex:
             )
         centre = self.vectors(ids).mean(axis=0)
         allowed, described = self._filtered(self.pool, filters)
-        distances, found = self.search(centre, k, None if include_query else ids, allowed)
-        query = {"kind": "bbox", "bbox": [west, south, east, north], "patch_ids": ids.tolist()}
+        expansion = self._expansion(query_expansion)
+        distances, found = self.search(
+            centre, k, None if include_query else ids, allowed, query_expansion=expansion
+        )
+        query = {
+            "kind": "bbox",
+            "bbox": [west, south, east, north],
+            "patch_ids": ids.tolist(),
+            "query_expansion": expansion,
+        }
         return self._frame(distances, found, {**query, **described})
 
     def query_image(
-        self, path: str | Path, k: int = 20, *, filters: SearchFilter | None = None
+        self,
+        path: str | Path,
+        k: int = 20,
+        *,
+        filters: SearchFilter | None = None,
+        query_expansion: int | None = None,
     ) -> Any:
-        """The ``k`` patches most similar to an image file (its patches' mean embedding)."""
+        """The ``k`` patches most similar to an image file (its patches' mean embedding).
+        With query expansion a pool patch the image copies need not come first (the
+        ranking is by the average of the image and its nearest patches); pass
+        ``query_expansion=0`` to look an image up."""
         from anneal_geo.retrieval.filters import image_outline
 
         vector = self.embed_patches(self.image_patches(path)).mean(axis=0)
         allowed, described = self._filtered(self.pool, filters)
-        distances, ids = self.search(vector, k, None, allowed)
-        query = {"kind": "image", "image": str(path), "image_wkt": image_outline(path)}
+        expansion = self._expansion(query_expansion)
+        distances, ids = self.search(vector, k, None, allowed, query_expansion=expansion)
+        query = {
+            "kind": "image",
+            "image": str(path),
+            "image_wkt": image_outline(path),
+            "query_expansion": expansion,
+        }
         return self._frame(distances, ids, {**query, **described})
 
     # -- embedding new images ---------------------------------------------------------------
@@ -832,6 +903,7 @@ def build_index(
             "model": str(Path(model).resolve()),
             "weights_sha256": loaded.card["weights_sha256"],
             "bands": list(loaded.bands),
+            "query_expansion": loaded.query_expansion,
         }
         index = GeoIndex.build(loaded.embed(pool), pool, embedder=embedder, kind=kind)
         index.save(source if out is None else out)

@@ -10,7 +10,7 @@ import numpy as np
 
 from anneal_geo.errors import ConfigError, DataError
 
-__all__ = ["exact_search", "rank_all"]
+__all__ = ["average_expansion", "exact_search", "expand_queries", "rank_all"]
 
 
 def _as_matrix(values: np.ndarray, what: str) -> np.ndarray:
@@ -100,3 +100,40 @@ def rank_all(
     order = np.argsort(squared, axis=1)
     distances = np.sqrt(np.maximum(np.take_along_axis(squared, order, axis=1), 0.0))
     return distances.astype(np.float32, copy=False), order.astype(np.int64, copy=False)
+
+
+def average_expansion(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Average query expansion: each query averaged with its neighbours' embeddings.
+
+    Args:
+        queries: (Q, D) query embeddings.
+        neighbours: (Q, n, D) embeddings of each query's n nearest archive items.
+
+    Returns:
+        (Q, D) float32 ``(q + x_1 + ... + x_n) / (n + 1)``. On unit vectors (the session
+        embeddings) ranking by Euclidean distance to it ranks by cosine similarity to the
+        normalised sum, as average query expansion does.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    x = np.asarray(neighbours, dtype=np.float64)
+    return ((q + x.sum(axis=1)) / (1 + x.shape[1])).astype(np.float32)
+
+
+def expand_queries(
+    archive_embeddings: np.ndarray, query_embeddings: np.ndarray, n: int
+) -> np.ndarray:
+    """The queries after average query expansion with their ``n`` nearest archive items
+    (:func:`average_expansion`; n = 0 returns them unchanged, as float32).
+
+    Raises:
+        ConfigError: ``n`` is not a whole number of at least 0.
+        DataError: as :func:`exact_search`.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ConfigError(f"query_expansion={n!r} is not a whole number of neighbours (0 = off)")
+    queries = _as_matrix(query_embeddings, "query embeddings")
+    if n == 0 or queries.shape[0] == 0:
+        return queries
+    archive = _as_matrix(archive_embeddings, "archive embeddings")
+    _, nearest = exact_search(archive, queries, int(n))
+    return average_expansion(queries, archive[nearest])
