@@ -131,8 +131,9 @@ class SessionConfig:
             similar and of its dissimilar pairs with the largest loss (small-loss selection);
             0 (default) trains on every pair.
         embedding_dim: D of the metric space.
-        query_expansion: retrieval averages each query's embedding with those of its this
-            many nearest archive patches before ranking (average query expansion; 0 = off).
+        query_expansion: retrieval averages each query's embedding with those of its
+            ``query_expansion`` nearest archive patches before ranking (average query
+            expansion; 0 = off).
             It changes what is retrieved, not what is trained or asked: the held-out
             evaluation and the index of the session (and of its exported model) search this
             way. 5 was chosen on the validation splits of both EuroSAT sets from 0, 1, 2, 3,

@@ -25,7 +25,7 @@ from anneal_geo.backbones.base import Backbone
 from anneal_geo.cli import app
 from anneal_geo.data.pool import PatchPool
 from anneal_geo.engine import Engine
-from anneal_geo.errors import DataError, PluginError, SessionError
+from anneal_geo.errors import ConfigError, DataError, PluginError, SessionError
 from anneal_geo.models import CARD_FILE, export_model, load_model, read_card, session_model
 from anneal_geo.pairs.store import PairStore
 from anneal_geo.retrieval.geoindex import GeoIndex, build_index
@@ -314,6 +314,31 @@ def test_command_line_export_index_query(session, right_pool, tmp_path) -> None:
     query_rows = gpd.read_file(out, layer="query")
     assert query_rows["rank"].tolist() == [0, 0] and query_rows["after"].iloc[0] == "2020-01-01"
     assert query_rows["role"].tolist() == ["query patches", "within"]
+    assert query_rows["query_expansion"].tolist() == [5, 5]  # the model's setting
+    # --query-expansion 0: ranked by the patch itself, as the index's plain search ranks.
+    plain = runner.invoke(
+        app,
+        [
+            "query",
+            str(pool),
+            "--patch",
+            "100",
+            "-k",
+            "4",
+            "--query-expansion",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
+    assert plain.exit_code == 0, plain.output
+    geo = GeoIndex.load(pool)
+    _, expected = geo.search(geo.vectors([100])[0], 4, exclude=np.array([100]), query_expansion=0)
+    assert gpd.read_file(out, layer="results")["patch_id"].tolist() == expected.tolist()
+    assert gpd.read_file(out, layer="query")["query_expansion"].tolist() == [0]
+    wrong = runner.invoke(app, ["query", str(pool), "--patch", "1", "--query-expansion", "-1"])
+    assert isinstance(wrong.exception, ConfigError)
+    assert "query_expansion=-1 is not a whole number" in str(wrong.exception)
 
 
 class FittedStats(Backbone):

@@ -197,8 +197,8 @@ def run(
         "(0 = the head's output alone)."
     ),
     query_expansion: int = typer.Option(
-        _DEFAULTS.query_expansion, help="Retrieval averages each query with its this many "
-        "nearest archive patches before ranking (0 = off); evaluation and the index."
+        _DEFAULTS.query_expansion, help="Average each query with its N nearest archive "
+        "patches before ranking, in the evaluation and the session's index (0 = off)."
     ),
     transitivity: str = typer.Option(
         _DEFAULTS.transitivity, help="What the answers imply: full (similar groups and "
