@@ -104,9 +104,9 @@ def evaluate(
         query_ids: patch ids of the held-out queries, disjoint from the archive.
         ks: cut-offs of the precision metrics ``p@k``.
         map_k: cut-off of ``map@{map_k}`` (AP@k normalised by min(k, relevant items)).
-        query_expansion: each query is first averaged with its this many nearest archive
-            items (average query expansion, :func:`~anneal_geo.retrieval.index.expand_queries`),
-            as the retrieval index searches; 0 ranks by the query embeddings themselves.
+        query_expansion: n > 0 first averages each query with its n nearest archive items
+            (average query expansion, :func:`~anneal_geo.retrieval.index.expand_queries`), as
+            the retrieval index searches; 0 ranks by the query embeddings themselves.
 
     Returns:
         ``{"map@{map_k}", "map", "p@{k}" for k in ks, "map@r", "n_queries",

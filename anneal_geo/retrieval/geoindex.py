@@ -485,9 +485,9 @@ class GeoIndex:
 
         ``allowed`` (sorted patch ids, from :meth:`SearchFilter.allowed
         <anneal_geo.retrieval.filters.SearchFilter.allowed>`) restricts the search to those
-        patches before ranking. With query expansion (``query_expansion``, default
-        :attr:`query_expansion`) the query is first averaged with its that many nearest
-        patches of the whole index other than ``exclude``
+        patches before ranking. With query expansion n > 0 (``query_expansion``, default
+        :attr:`query_expansion`) the query is first averaged with its n nearest patches of
+        the whole index other than ``exclude``
         (:func:`~anneal_geo.retrieval.index.average_expansion`), as the session's
         evaluation ranks; distances are then to that average.
 
