@@ -332,6 +332,8 @@ def test_command_line_export_index_query(session, right_pool, tmp_path) -> None:
         ],
     )
     assert plain.exit_code == 0, plain.output
+    assert "averaged with its" not in plain.output
+    assert "ranked by the query averaged with its 5 nearest patches" in query.output
     geo = GeoIndex.load(pool)
     _, expected = geo.search(geo.vectors([100])[0], 4, exclude=np.array([100]), query_expansion=0)
     assert gpd.read_file(out, layer="results")["patch_id"].tolist() == expected.tolist()

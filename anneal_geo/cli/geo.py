@@ -52,6 +52,12 @@ def index(
 
 
 def _show(results: Any) -> None:
+    expansion = int(results.attrs.get("query", {}).get("query_expansion", 0))
+    if expansion:
+        typer.echo(
+            f"ranked by the query averaged with its {expansion} nearest patches (query "
+            "expansion; --query-expansion 0 ranks by the query alone)"
+        )
     header = f"{'rank':>4}  {'distance':>9}  {'patch':>6}  {'window (row, col, h, w)':<24}  "
     header += f"{'lon':>9}  {'lat':>8}  {'acquired':<10}  label"
     typer.echo(header)
