@@ -135,10 +135,10 @@ class SessionConfig:
             ``query_expansion`` nearest archive patches before ranking (average query
             expansion; 0 = off). It changes what is retrieved, not what is trained or asked:
             the held-out evaluation and the index of the session (and of its exported model)
-            search this way. 5 was chosen on the validation splits of both EuroSAT sets from 0, 1, 2, 3,
-            5 and 10: the best or level score with correct answers and with 10 % of them
-            flipped on both (RGB +0.011 and +0.018 mAP@20 at 2,000 answers, MS +0.002 and
-            +0.015 at 500).
+            search this way. 5 was chosen on the validation splits of both EuroSAT sets from
+            0, 1, 2, 3, 5 and 10: the best mean score of both sets with correct answers and
+            with 10 % of them flipped (RGB +0.011 and +0.018 mAP@20 at 2,000 answers, MS
+            +0.002 and +0.015 at 500).
         query_fraction: share of each class held out as retrieval queries.
         eval_k: k of mAP@k.
         bands: band names to use, in order (None = all of the pool's bands).

@@ -139,7 +139,7 @@ def query(
     if note:
         typer.echo(f"note: {note}", err=True)
     try:
-        how = {"filters": filters, "query_expansion": query_expansion}
+        how: dict[str, Any] = {"filters": filters, "query_expansion": query_expansion}
         if patch is not None:
             results = geo.query_patch(patch, k, include_query=include_query, **how)
         elif point is not None:
