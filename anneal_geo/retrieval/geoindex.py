@@ -507,8 +507,8 @@ class GeoIndex:
             )
         left_out = np.zeros(0, dtype=np.int64) if exclude is None else np.asarray(exclude).ravel()
         if n > 0:
-            squared, ids = self._nearest(query, min(int(n) + left_out.size, len(self)), None)
-            near = ids[(ids >= 0) & ~np.isin(ids, left_out)][: int(n)]
+            _, ids = self._nearest(query, min(n + left_out.size, len(self)), None)
+            near = ids[(ids >= 0) & ~np.isin(ids, left_out)][:n]
             if near.size:
                 query = average_expansion(query, self.vectors(near)[None])
         skip = left_out if allowed is None else left_out[np.isin(left_out, allowed)]
@@ -627,12 +627,9 @@ class GeoIndex:
 
     def _expansion(self, query_expansion: int | None) -> int:
         """The query expansion a search uses: the given one, else the index's."""
-        n = self.query_expansion if query_expansion is None else query_expansion
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ConfigError(
-                f"query_expansion={n!r} is not a whole number of neighbours (0 = off)"
-            )
-        return int(n)
+        from anneal_geo.retrieval.index import check_expansion
+
+        return check_expansion(self.query_expansion if query_expansion is None else query_expansion)
 
     def patch_at(self, lon: float, lat: float) -> int:
         """The patch whose footprint contains (lon, lat); of several, the one whose centre is

@@ -10,7 +10,7 @@ import numpy as np
 
 from anneal_geo.errors import ConfigError, DataError
 
-__all__ = ["average_expansion", "exact_search", "expand_queries", "rank_all"]
+__all__ = ["average_expansion", "check_expansion", "exact_search", "expand_queries", "rank_all"]
 
 
 def _as_matrix(values: np.ndarray, what: str) -> np.ndarray:
@@ -119,6 +119,17 @@ def average_expansion(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray
     return ((q + x.sum(axis=1)) / (1 + x.shape[1])).astype(np.float32)
 
 
+def check_expansion(n: object) -> int:
+    """``n`` as a query expansion: a whole number of neighbours, 0 (off) or more.
+
+    Raises:
+        ConfigError: anything else, named as the ``query_expansion`` setting.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ConfigError(f"query_expansion={n!r} is not a whole number of neighbours (0 = off)")
+    return int(n)
+
+
 def expand_queries(
     archive_embeddings: np.ndarray, query_embeddings: np.ndarray, n: int
 ) -> np.ndarray:
@@ -129,8 +140,7 @@ def expand_queries(
         ConfigError: ``n`` is not a whole number of at least 0.
         DataError: as :func:`exact_search`.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ConfigError(f"query_expansion={n!r} is not a whole number of neighbours (0 = off)")
+    n = check_expansion(n)
     queries = _as_matrix(query_embeddings, "query embeddings")
     if n == 0 or queries.shape[0] == 0:
         return queries
