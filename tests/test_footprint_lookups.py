@@ -4,6 +4,7 @@ on the real Major TOM cell; the answers equal those of the footprints held in me
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ import pyogrio
 import pytest
 import shapely
 
+from anneal_geo.data import footprints as footprints_module
 from anneal_geo.data import pool as pool_module
 from anneal_geo.data import tiles as tiles_module
 from anneal_geo.data.footprints import (
     LAYER,
     build_footprints,
+    footprint_ids_intersecting,
     read_footprint_rows,
     read_footprints,
     write_footprints,
@@ -159,3 +162,58 @@ def test_georefs_kept_as_arrays_index_like_a_list() -> None:
     one_by_one = build_footprints(listed, read.sources, [None] * len(listed))
     frame = read.footprints()
     assert frame.geometry.to_wkt().tolist() == one_by_one.geometry.to_wkt().tolist()
+
+
+def _has_spatial_index(path: Path) -> bool:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rtree_%'").fetchall()
+    return bool(rows)
+
+
+def test_small_layers_are_written_without_a_spatial_index(built, tmp_path, monkeypatch) -> None:
+    """Below SPATIAL_INDEX_MIN_ROWS footprints.gpkg has no R-tree (the layer is read whole);
+    at or above it, it has one; area look-ups through the file answer the same either way."""
+    array, _ = built
+    frame = array.footprints
+    small, big = tmp_path / "small.gpkg", tmp_path / "big.gpkg"
+    write_footprints(frame, small)
+    monkeypatch.setattr(footprints_module, "SPATIAL_INDEX_MIN_ROWS", len(frame))
+    write_footprints(frame, big)
+    assert not _has_spatial_index(small) and _has_spatial_index(big)
+    area = shapely.union_all(frame.geometry.iloc[[5, 6, 21]].to_numpy()).buffer(-1e-4)
+    expected = np.sort(frame["patch_id"].to_numpy()[frame.sindex.query(area, "intersects")])
+    for path in (small, big):
+        assert footprint_ids_intersecting(path, area).tolist() == expected.tolist()
+        back = read_footprints(path)
+        assert back.geometry.to_wkt().tolist() == frame.geometry.to_wkt().tolist()
+    # A tiles-store build writes in chunks: its index follows the whole layer's size.
+    out = tmp_path / "chunked"
+    monkeypatch.setattr(tiles_module, "FOOTPRINT_CHUNK_ROWS", 50)
+    PatchPool.from_tiles(CELL, 64, bands=TEN_M, progress=False, store="tiles", out=out)
+    assert _has_spatial_index(out / FOOTPRINTS_FILE)
+
+
+def test_written_footprints_read_back_equal_with_labels(built, tmp_path) -> None:
+    """Text labels and missing ones, and a frame read back from a GeoPackage (pandas'
+    string columns) written again, all read back equal."""
+    array, _ = built
+    frame = array.footprints.copy()
+    labels = [None if i % 3 == 0 else f"class {i % 5}" for i in range(len(frame))]
+    frame["label"] = labels
+    first, second = tmp_path / "first.gpkg", tmp_path / "second.gpkg"
+    write_footprints(frame, first)
+    back = read_footprints(first)
+    assert [None if pd_isna(v) else v for v in back["label"]] == labels
+    for column in ("patch_id", "source", "crs", "row_off", "col_off", "height", "width"):
+        assert back[column].tolist() == frame[column].tolist(), column
+    assert back["geometry_native"].tolist() == frame["geometry_native"].tolist()
+    assert back.crs == frame.crs and set(back.geom_type) == {"Polygon"}
+    write_footprints(back, second)
+    assert read_footprints(second).equals(back)
+    info = pyogrio.read_info(second, layer=LAYER)
+    assert info["geometry_type"] == "Polygon" and info["crs"] == "EPSG:4326"
+    assert dict(zip(info["fields"], info["dtypes"], strict=True))["patch_id"] == "int64"
+
+
+def pd_isna(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))

@@ -267,6 +267,49 @@ def test_cloudy_patches_are_skipped_by_the_cloud_mask(tmp_path) -> None:
     assert strict.report.skipped_cloud == int((shares > 0).sum())
 
 
+def test_a_cloud_mask_in_another_crs_is_warped_by_torchgeo_in_every_build(tmp_path) -> None:
+    """A mask off its scene's grid (here in the next UTM zone) is read through TorchGeo's
+    WarpedVRT, whose decision is remembered for the process: a second build of the same
+    archive warps it again, with the same result; the tiles store refuses it by name."""
+    from anneal_geo.data import tiles as tiles_module
+
+    product = tmp_path / "cell" / "product"
+    product.mkdir(parents=True)
+    for band in ("B04", "B03"):
+        shutil.copy(PRODUCT / f"{band}.tif", product / f"{band}.tif")
+    with rasterio.open(PRODUCT / "cloud_mask.tif") as src:
+        profile, mask, transform, crs = src.profile, src.read(1), src.transform, src.crs
+    mask[:300, :250] = 1
+    bounds = rasterio.transform.array_bounds(*mask.shape, transform)
+    dst_transform, width, height = calculate_default_transform(
+        crs, "EPSG:32647", mask.shape[1], mask.shape[0], *bounds, resolution=10
+    )
+    moved = np.zeros((height, width), dtype=mask.dtype)
+    reproject(
+        mask,
+        moved,
+        src_transform=transform,
+        src_crs=crs,
+        dst_transform=dst_transform,
+        dst_crs="EPSG:32647",
+        resampling=Resampling.nearest,
+    )
+    profile.update(width=width, height=height, transform=dst_transform, crs="EPSG:32647")
+    mask_file = product / "cloud_mask.tif"
+    with rasterio.open(mask_file, "w", **profile) as dst:
+        dst.write(moved, 1)
+    tiles_module._NEEDS_WARP.clear()
+    first = read_tiles(tmp_path / "cell", 64, progress=False)
+    assert first.layout is not None and first.layout.warped == [str(mask_file)]
+    assert True in tiles_module._NEEDS_WARP.values()  # remembered
+    second = read_tiles(tmp_path / "cell", 64, progress=False)
+    assert second.layout is not None and second.layout.warped == [str(mask_file)]
+    assert 0 < second.report.skipped_cloud == first.report.skipped_cloud
+    np.testing.assert_array_equal(second.patches, first.patches)
+    with pytest.raises(DataError, match="cloud_mask.tif is not on its scene's grid"):
+        PatchPool.from_tiles(tmp_path / "cell", 64, store="tiles", out=tmp_path / "pool")
+
+
 def test_safe_layout_takes_each_band_at_its_finest_resolution(tmp_path, cell_read) -> None:
     """A SAFE Level-2A granule: bands in R10m/R20m/R60m, repeated at coarser resolutions,
     beside auxiliary rasters (SCL) that are not bands."""

@@ -86,12 +86,62 @@ def build_footprints(
     return gpd.GeoDataFrame(frame, geometry=list(geographic), crs="EPSG:4326")
 
 
+# Footprint layers smaller than this get no spatial index: they are read whole (see
+# anneal_geo.data.pool.FOOTPRINTS_IN_MEMORY), and the R-tree is a fixed cost of every save.
+SPATIAL_INDEX_MIN_ROWS = 10_000
+
+
+def _write_frame(frame: Any, path: Path, append: bool = False, spatial_index: bool = True) -> None:
+    """What ``pyogrio.write_dataframe(frame, path, layer=LAYER, driver="GPKG")`` writes for
+    a footprints frame, through pyogrio's own column conversions (an extension array gives
+    its values and its missing-value mask) less the ones footprints never need (dates with
+    time zones), which cost a small pool's save about a millisecond."""
+    import pyogrio.raw
+    import shapely
+
+    geometry = frame.geometry
+    crs = None
+    if geometry.crs is not None:
+        epsg = geometry.crs.to_epsg()
+        crs = f"EPSG:{epsg}" if epsg else geometry.crs.to_wkt("WKT1_GDAL")
+    shapes = np.asarray(geometry.array)
+    kinds = set(shapely.get_type_id(shapes).tolist())
+    names = [c for c in frame.columns if c != geometry.name]
+    data: list[Any] = []
+    masks: list[Any] = []
+    for name in names:
+        column = frame[name]
+        if name == "label":  # an all-None column has no type GDAL can store: text
+            column = column.astype(object)
+        values = column.values
+        if isinstance(values, np.ndarray):
+            data.append(values)
+            masks.append(None)
+        elif hasattr(values, "_data") and hasattr(values, "_mask"):  # nullable numbers
+            data.append(values._data)
+            masks.append(values._mask)
+        else:  # other extension arrays (pandas' strings)
+            data.append(np.asarray(values))
+            masks.append(np.asarray(values.isna()))
+    pyogrio.raw.write(
+        path,
+        shapely.to_wkb(shapes),
+        data,
+        names,
+        masks,
+        layer=LAYER,
+        driver="GPKG",
+        geometry_type="Polygon" if kinds == {3} else "Unknown",
+        crs=crs,
+        append=append,
+        layer_options=None if spatial_index else {"SPATIAL_INDEX": "NO"},
+    )
+
+
 def write_footprints(footprints: Any, path: Path) -> None:
-    """Write footprints to a GeoPackage (pyogrio engine), layer ``footprints``."""
-    # An all-None label column has no type GDAL can store; write it as text.
-    frame = footprints.copy()
-    frame["label"] = frame["label"].astype(object)
-    frame.to_file(path, layer=LAYER, driver="GPKG", engine="pyogrio")
+    """Write footprints to a GeoPackage (pyogrio), layer ``footprints``; no spatial index
+    below :data:`SPATIAL_INDEX_MIN_ROWS` rows."""
+    _write_frame(footprints, path, spatial_index=len(footprints) >= SPATIAL_INDEX_MIN_ROWS)
 
 
 def write_footprint_chunks(
@@ -100,7 +150,6 @@ def write_footprint_chunks(
     """Write footprint frames one after the other into one GeoPackage layer, as
     :func:`write_footprints` writes their concatenation (the rows in patch-id order, so a
     row's feature id is its patch id + 1), holding one chunk at a time."""
-    import pyogrio
     from tqdm import tqdm
 
     with tqdm(
@@ -110,10 +159,8 @@ def write_footprint_chunks(
         disable=None if progress is None else not progress,
     ) as bar:
         for k, chunk in enumerate(chunks):
-            frame = chunk.copy()
-            frame["label"] = frame["label"].astype(object)
-            pyogrio.write_dataframe(frame, path, layer=LAYER, driver="GPKG", append=k > 0)
-            bar.update(len(frame))
+            _write_frame(chunk, path, append=k > 0, spatial_index=total >= SPATIAL_INDEX_MIN_ROWS)
+            bar.update(len(chunk))
 
 
 def _failed(path: Path, exc: Exception) -> DataError:
@@ -169,7 +216,7 @@ def read_footprint_rows(path: Path, ids: Sequence[int] | np.ndarray) -> Any:
 
 def footprint_ids_intersecting(path: Path, geometry: Any) -> np.ndarray:
     """Sorted patch ids whose EPSG:4326 footprint intersects ``geometry``, read through the
-    GeoPackage's spatial index (only the candidate rows are read)."""
+    GeoPackage's spatial index where it has one (only the candidate rows are read)."""
     import pyogrio
     import shapely
 

@@ -866,8 +866,10 @@ def _footprint_frame(
         "width": widths,
         "label": [None] * n,
         "geometry_native": shapely.to_wkt(native, rounding_precision=-1),
+        # A geometry array with its CRS: the frame is then built without a check per row.
+        "geometry": gpd.array.from_shapely(geographic, crs="EPSG:4326"),
     }
-    return gpd.GeoDataFrame(frame, geometry=list(geographic), crs="EPSG:4326")
+    return gpd.GeoDataFrame(frame, geometry="geometry")
 
 
 @dataclass
@@ -1178,34 +1180,54 @@ def _merge_read(
     return merge([src], bounds=bounds, res=res, indexes=indexes, resampling=resampling)[0]
 
 
-def _open_like_torchgeo(
-    source: Any, filepath: str, handles: _Handles | None, warp_cache: dict[Any, bool]
-) -> Any:
+# TorchGeo's decision whether a file on a grid is warped to a CRS, by (dataset class, file
+# CRS, transform, width, height, dataset CRS): a function of those values alone, asked again
+# by every build of the same archive (about 1 ms a time), so remembered for the process.
+_NEEDS_WARP: dict[tuple[Any, ...], bool] = {}
+
+
+def _needs_warp(source: Any, src: Any) -> bool:
+    """Whether TorchGeo's ``_load_warp_file`` warps the open file ``src`` for ``source``
+    (its own ``_compute_affine_warp_grid``, remembered in ``_NEEDS_WARP``)."""
+    from rasterio.crs import CRS
+
+    dst = source.crs
+    key = (
+        type(source),
+        src.crs.to_wkt(),
+        tuple(src.transform),
+        src.width,
+        src.height,
+        dst if isinstance(dst, str) else dst.to_wkt(),
+    )
+    needs = _NEEDS_WARP.get(key)
+    if needs is None:
+        needs = bool(
+            source._compute_affine_warp_grid(
+                src.crs, src.transform, src.width, src.height, CRS.from_user_input(dst)
+            )[3]
+        )
+        if len(_NEEDS_WARP) >= 4096:
+            _NEEDS_WARP.clear()
+        _NEEDS_WARP[key] = needs
+    return needs
+
+
+def _open_like_torchgeo(source: Any, filepath: str, handles: _Handles | None) -> Any:
     """The handle TorchGeo's ``_load_warp_file(filepath, source.crs)`` would read from.
 
     A file already in the dataset's CRS and grid is read as it is (TorchGeo decides with its
-    own ``_compute_affine_warp_grid``, remembered per CRS and grid): the handle opened for
-    its header is reused. Anything else is opened by TorchGeo itself (a ``WarpedVRT``).
+    own ``_compute_affine_warp_grid``, see :func:`_needs_warp`): the handle opened for its
+    header is reused. Anything else is opened by TorchGeo itself (a ``WarpedVRT``).
     """
     import rasterio
-    from rasterio.crs import CRS
 
     src = handles.take(filepath) if handles is not None else None
     if src is None:
         src = rasterio.open(filepath)
     try:
         plain = source.nodata is None and not src.transform.is_identity
-        if plain:
-            key = (id(source), src.crs.to_wkt(), tuple(src.transform), src.width, src.height)
-            needs_warp = warp_cache.get(key)
-            if needs_warp is None:
-                dst_crs = CRS.from_user_input(source.crs)
-                needs_warp = warp_cache[key] = bool(
-                    source._compute_affine_warp_grid(
-                        src.crs, src.transform, src.width, src.height, dst_crs
-                    )[3]
-                )
-            plain = not needs_warp
+        plain = plain and not _needs_warp(source, src)
     except BaseException:
         src.close()
         raise
@@ -1287,7 +1309,7 @@ def _read_direct(
     patch's values and squares per band (``options["sums"]``, ``options["squares"]``).
 
     Returns:
-        the results of the ``extra`` jobs, run in the same threads beside the reads.
+        the results of the ``extra`` jobs, run in the calling thread beside the reads.
     """
     import threading
     from concurrent.futures import wait
@@ -1296,7 +1318,6 @@ def _read_direct(
 
     size, step = options["size"], options["stride"]
     sums, squares = options.get("sums"), options.get("squares")  # per patch and band
-    warp_cache: dict[Any, bool] = {}
     warped: list[str] = options.setdefault("warped", [])
     keep_pixels = bool(options.get("keep_pixels", True))
     max_nodata = options["max_nodata"]
@@ -1362,7 +1383,7 @@ def _read_direct(
                 indexes = [band_indexes[channel] if band_indexes else channel + 1]
         nodata = float(plan.probe.nodata) if plan.probe.nodata is not None else 0.0
         try:
-            handle = _open_like_torchgeo(source, filepath, handles, warp_cache)
+            handle = _open_like_torchgeo(source, filepath, handles)
         except Exception as exc:  # rasterio and TorchGeo raise many kinds
             raise DataError(
                 f"{filepath} of scene {plan.probe.scene.name} could not be opened "
@@ -1438,22 +1459,24 @@ def _read_direct(
             release_free_memory()
 
     cap_gdal_cache()  # each strip is read once: GDAL's default cache would only fill up
-    if options["workers"] <= 1 or len(tasks) + len(extra) <= 1:
+    if options["workers"] <= 1 or (len(tasks) <= 1 and not extra):
         for task in tasks:
             run(*task)
         return [job() for job in extra]
     pool = _reader_pool(options["workers"])
-    # The extra jobs first: they run beside the reads rather than after them.
-    jobs = [pool.submit(job) for job in extra]
     futures = [pool.submit(run, *task) for task in tasks]
     try:
+        # The extra jobs run here, beside the reads, while this thread would only wait
+        # (it does not read as well: a third reader on two cores leaves the last read
+        # alone at the end).
+        results = [job() for job in extra]
         for future in futures:
             future.result()
-        return [job.result() for job in jobs]
+        return results
     except BaseException:
-        for future in [*jobs, *futures]:
+        for future in futures:
             future.cancel()
-        wait([*jobs, *futures])  # the reads already running finish before the files close
+        wait(futures)  # the reads already running finish before the files close
         raise
 
 
