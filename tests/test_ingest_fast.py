@@ -21,7 +21,7 @@ from anneal_geo.data import tiles
 from anneal_geo.data.footprints import build_footprints
 from anneal_geo.data.pool import PatchPool, band_statistics
 from anneal_geo.data.tiles import find_scenes, read_tiles
-from anneal_geo.errors import ConfigError
+from anneal_geo.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 CELL = ROOT / "sample_tiles" / "majortom_s2l2a_tile"
@@ -195,6 +195,104 @@ def test_statistics_are_the_exact_moments_of_the_patches() -> None:
     n, total, squares = values.size, int(values.sum()), int((values * values).sum())
     assert pool.band_mean[0] == float(Fraction(total, n))
     assert pool.band_std[0] ** 2 == pytest.approx(float(Fraction(n * squares - total**2, n * n)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"patch_size": 120, "bands": TEN_M, "cloud_mask": None},
+        {"patch_size": 64, "cloud_mask": "auto"},  # 12 bands, 10-60 m, with the cloud mask
+        {"patch_size": 64, "stride": 16, "bands": ["B05", "B02"], "cloud_mask": None},
+    ],
+)
+def test_first_strips_read_while_torchgeo_indexes_are_the_reads_due(options, monkeypatch) -> None:
+    """With reader threads, each band's first strip is read while TorchGeo indexes the
+    scene, from the file headers alone; every such read is the read the strip needs (the
+    same file, bounds, resolution and resampling): no band is read twice, and the pool is
+    the one read in one thread, which reads nothing early."""
+    calls: list[str] = []
+    merge_read = tiles._merge_read
+
+    def counted(src, *args, **kwargs):
+        calls.append(src.name)
+        return merge_read(src, *args, **kwargs)
+
+    monkeypatch.setattr(tiles, "_merge_read", counted)
+    threads = read_tiles(CELL, progress=False, num_workers=2, **options)
+    early = len(calls)
+    calls.clear()
+    one = read_tiles(CELL, progress=False, num_workers=1, **options)
+    bands = len(threads.bands) + (options["cloud_mask"] == "auto")
+    assert early == len(calls) == bands  # one read per file either way
+    np.testing.assert_array_equal(threads.patches, one.patches)
+    np.testing.assert_array_equal(threads.band_mean, one.band_mean)
+    np.testing.assert_array_equal(threads.band_std, one.band_std)
+    assert threads.report.kept == one.report.kept and threads.checksums == one.checksums
+
+
+def test_an_unreadable_band_is_reported_after_its_early_read_failed(tmp_path) -> None:
+    """A band file whose header opens but whose pixels are cut off: its early read fails
+    quietly, the read proper names the file; the next build reads again."""
+    product = tmp_path / "cell" / "product"
+    product.mkdir(parents=True)
+    for band in TEN_M:
+        data = (PRODUCT / f"{band}.tif").read_bytes()
+        if band == "B03":
+            data = data[: len(data) // 3]
+        (product / f"{band}.tif").write_bytes(data)
+    for _ in range(2):
+        with pytest.raises(DataError) as exc:
+            read_tiles(tmp_path / "cell", 120, progress=False, num_workers=2)
+        message = str(exc.value)
+        assert "\n" not in message and "B03.tif of scene product could not be read" in message
+        assert "re-download" in message
+
+
+def test_a_small_pool_saves_the_footprints_written_beside_its_reads(tmp_path) -> None:
+    """A small array-store build writes footprints.gpkg while its pixels are read; save()
+    copies that file, equal to writing the footprints then. Once the footprints are handed
+    out (they may be changed) or patches were skipped, save() writes them itself; the
+    temporary file goes with the pool."""
+    import gc
+
+    from anneal_geo.data.footprints import read_footprints, write_footprints
+
+    pool = PatchPool.from_tiles(CELL, 120, bands=TEN_M, progress=False, num_workers=2)
+    prepared = pool._prepared_footprints.path
+    assert prepared is not None and prepared.is_file()
+    pool.save(tmp_path / "a")
+    written = read_footprints(tmp_path / "a" / "footprints.gpkg")
+    write_footprints(pool.footprints, tmp_path / "direct.gpkg")  # hands them out
+    assert not prepared.exists() and pool._prepared_footprints is None
+    assert written.equals(read_footprints(tmp_path / "direct.gpkg"))
+    assert len(written) == len(pool) == 64
+    # Changed after being handed out: the change is saved.
+    pool.footprints.loc[3, "label"] = "changed"
+    pool.save(tmp_path / "b")
+    assert read_footprints(tmp_path / "b" / "footprints.gpkg")["label"][3] == "changed"
+    # The temporary file goes when the pool goes.
+    other = PatchPool.from_tiles(CELL, 120, bands=TEN_M, progress=False, num_workers=2)
+    path = other._prepared_footprints.path
+    assert path.is_file()
+    del other
+    gc.collect()
+    assert not path.parent.exists()
+    # Patches skipped (a cloud mask): the footprints of the kept ones, written by save().
+    cloudy = tmp_path / "cloudy" / "product"
+    cloudy.mkdir(parents=True)
+    for band in TEN_M:
+        os.symlink(PRODUCT / f"{band}.tif", cloudy / f"{band}.tif")
+    with rasterio.open(PRODUCT / "cloud_mask.tif") as src:
+        profile, mask = src.profile, src.read(1)
+    mask[:400, :400] = 1
+    with rasterio.open(cloudy / "cloud_mask.tif", "w", **profile) as dst:
+        dst.write(mask, 1)
+    skipped = PatchPool.from_tiles(tmp_path / "cloudy", 120, bands=TEN_M, progress=False)
+    assert len(skipped) < 64 and skipped._prepared_footprints is None
+    skipped.save(tmp_path / "c")
+    saved = read_footprints(tmp_path / "c" / "footprints.gpkg")
+    assert saved["patch_id"].tolist() == list(range(len(skipped)))
+    assert saved["row_off"].tolist() == skipped.footprints["row_off"].tolist()
 
 
 def test_bad_worker_counts_are_config_errors() -> None:

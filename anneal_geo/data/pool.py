@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -360,6 +361,9 @@ class PatchPool:
         self._footprints_file: Path | None = None
         self._georeferenced: bool | None = None
         self._footprint_chunks: Callable[[], Any] | None = None
+        # footprints.gpkg written ahead from the footprints in memory (a small build from
+        # tiles), used by save() while those footprints have not been handed out.
+        self._prepared_footprints: Any = None
         if callable(footprints):
             self._footprint_source = footprints
         else:
@@ -522,7 +526,7 @@ class PatchPool:
             on_report(read.report)
         if not read.nan_free:
             check_nan(read.patches, read.sources, read.bands, fill=nan_as_nodata)
-        return cls(
+        pool = cls(
             read.patches,
             read.bands,
             sources=read.sources,
@@ -533,6 +537,8 @@ class PatchPool:
             footprints=read.footprints,
             resolution=read.resolution,
         )
+        pool._prepared_footprints = read.prepared_footprints
+        return pool
 
     @classmethod
     def _save_tiles_read(cls, read: Any, directory: Path, nan_as_nodata: bool) -> PatchPool:
@@ -733,6 +739,8 @@ class PatchPool:
             self._footprint_chunks = None
             self._footprint_source = partial(read_footprints, target)
             self._footprints_file = target
+        elif self._copied_prepared_footprints(tmp):
+            os.replace(tmp, target)
         elif self.georeferenced:
             from anneal_geo.data.footprints import write_footprints
 
@@ -746,6 +754,19 @@ class PatchPool:
         tmp = directory / (POOL_FILE + ".partial")
         tmp.write_text(json.dumps(self._metadata(), indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, target)
+
+    def _copied_prepared_footprints(self, tmp: Path) -> bool:
+        """Copy footprints.gpkg written ahead by ``from_tiles`` to ``tmp``; False when there
+        is none (or it is gone: then save() writes the footprints itself)."""
+        prepared = self._prepared_footprints
+        if prepared is None or prepared.path is None:
+            return False
+        try:
+            shutil.copyfile(prepared.path, tmp)
+        except FileNotFoundError:
+            self._prepared_footprints = None
+            return False
+        return True
 
     @classmethod
     def open(cls, directory: str | Path) -> PatchPool:
@@ -913,6 +934,10 @@ class PatchPool:
         if self._footprint_source is not None:
             self._footprints = self._footprint_source()
             self._footprint_source = None
+        if self._prepared_footprints is not None:
+            # Handed out, the frame may be changed: save() writes it afresh.
+            self._prepared_footprints.discard()
+            self._prepared_footprints = None
         return self._footprints
 
     @property

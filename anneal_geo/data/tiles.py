@@ -46,6 +46,8 @@ import itertools
 import math
 import os
 import re
+import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -56,7 +58,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from anneal_geo._memory import cap_gdal_cache, release_free_memory
+from anneal_geo._memory import GDAL_CACHE_BYTES, cap_gdal_cache, release_free_memory
+from anneal_geo.data import footprints as footprints_module
 from anneal_geo.data.bands import S2_ALL_BANDS, infer_band_names, normalise_band_name
 from anneal_geo.data.sources import GeoRef, natural_key, sha256_file
 from anneal_geo.errors import ConfigError, DataError
@@ -329,10 +332,9 @@ class _Handles:
     pixels later, so a small archive's files are opened once."""
 
     def __init__(self, limit: int = 256) -> None:
-        import threading
-
         self.limit = limit
         self._open: dict[str, Any] = {}
+        self._lent: dict[str, Any] = {}  # path -> lock held while its handle is lent
         self._lock = threading.Lock()
 
     def keep(self, path: Path, src: Any) -> bool:
@@ -344,9 +346,31 @@ class _Handles:
             return True
 
     def take(self, path: str | Path) -> Any:
-        """The open handle of ``path`` (now the caller's to close), or None."""
+        """The open handle of ``path`` (now the caller's to close), or None; waits while
+        it is lent (:meth:`borrow`)."""
         with self._lock:
-            return self._open.pop(str(path), None)
+            src = self._open.pop(str(path), None)
+            lent = self._lent.get(str(path))
+        if lent is not None:
+            with lent:
+                pass
+        return src
+
+    @contextmanager
+    def borrow(self, path: str | Path) -> Iterator[Any]:
+        """The kept handle of ``path`` for a while (None when it was taken already):
+        :meth:`take` waits until it is given back."""
+        key = str(path)
+        with self._lock:
+            src = self._open.get(key)
+            lent = self._lent.setdefault(key, threading.Lock()) if src is not None else None
+            if lent is not None:
+                lent.acquire()
+        try:
+            yield src
+        finally:
+            if lent is not None:
+                lent.release()
 
     def get(self, path: str | Path) -> Any:
         """The open handle of ``path``, opened now if need be and kept open for the next
@@ -709,6 +733,7 @@ class TileRead:
     nan_free: bool = False
     layout: TileLayout | None = None
     _frame: Any = field(default=None, repr=False, compare=False)
+    prepared_footprints: PreparedFootprints | None = field(default=None, repr=False, compare=False)
 
     def footprints(self) -> Any:
         """The footprints GeoDataFrame (the columns of :mod:`anneal_geo.data.footprints`):
@@ -812,6 +837,43 @@ class TileLayout:
     grids: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     scene: np.ndarray
     warped: list[str]
+
+
+def _remove_folder(folder: str, owner: int) -> None:
+    if os.getpid() == owner:  # not from a forked child, whose parent still uses it
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class PreparedFootprints:
+    """A footprints GeoPackage written ahead, beside the pixel reads, in a temporary folder
+    (removed with this object, or at exit): ``PatchPool.save`` copies it rather than writing
+    the same frame again, while the frame has not been handed out (see
+    ``PatchPool.footprints``)."""
+
+    def __init__(self, frame: Any) -> None:
+        import tempfile
+        import weakref
+
+        folder = tempfile.mkdtemp(prefix="anneal-footprints-")
+        self.path: Path | None = Path(folder) / "footprints.gpkg"
+        self._cleanup = weakref.finalize(self, _remove_folder, folder, os.getpid())
+        try:
+            footprints_module.write_footprints(frame, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the file now (it no longer matches the pool's footprints)."""
+        self.path = None
+        self._cleanup()
+
+
+def _prepare_footprints(frame: Any) -> PreparedFootprints | None:
+    try:
+        return PreparedFootprints(frame)
+    except Exception:  # no temporary folder, say: save() writes the frame itself
+        return None
 
 
 def _footprint_frame(
@@ -1301,6 +1363,7 @@ def _read_direct(
     bar: Any,
     handles: _Handles | None = None,
     extra: Sequence[Callable[[], Any]] = (),
+    early: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Read every scene in big windows, one per band and strip of patch rows, straight
     from the files TorchGeo indexed, with TorchGeo's CRS, resolution and resampling (see
@@ -1392,13 +1455,24 @@ def _read_direct(
         if not isinstance(handle, rasterio.io.DatasetReader):
             with lock:
                 warped.append(filepath)
+        ahead = early.pop(filepath, None) if early is not None else None
+        if ahead is not None and ahead.cancel():
+            ahead = None  # not started yet: read below
+        done = ahead.result() if ahead is not None else None
         with rasterio.Env(), handle:
-            for strip in strips[scene]:
+            for k, strip in enumerate(strips[scene]):
                 expect = ((strip.rows - 1) * step + size, (plan.cols - 1) * step + size)
                 try:
-                    data = _merge_read(
+                    # The first strip may have been read while TorchGeo indexed the scene:
+                    # used when it was the very read due now, else read here.
+                    if k == 0 and done is not None and done.is_read(
                         handle, strip.bounds, source.res, indexes, source.resampling
-                    )[0]
+                    ):
+                        data = done.data[0]
+                    else:
+                        data = _merge_read(
+                            handle, strip.bounds, source.res, indexes, source.resampling
+                        )[0]
                 except Exception as exc:
                     raise DataError(
                         f"{filepath} of scene {plan.probe.scene.name} could not be read "
@@ -1616,6 +1690,136 @@ def read_tiles(
             handles.close()
 
 
+@dataclass
+class _Early:
+    """A band's first strip read before TorchGeo indexed its scene (see :func:`_read_early`),
+    with the arguments of that read."""
+
+    handle: Any
+    bounds: tuple[float, float, float, float]
+    res: tuple[float, float]
+    resampling: Any
+    data: np.ndarray
+
+    def is_read(
+        self,
+        handle: Any,
+        bounds: tuple[float, float, float, float],
+        res: Any,
+        indexes: list[int] | None,
+        resampling: Any,
+    ) -> bool:
+        """Whether ``_merge_read(handle, bounds, res, indexes, resampling)`` is the read
+        this was: the same open file and the same arguments, to the bit."""
+        return (
+            handle is self.handle
+            and indexes is None
+            and tuple(bounds) == self.bounds
+            and tuple(res) == tuple(self.res)
+            and resampling == self.resampling
+        )
+
+
+def _first_strip_bounds(
+    plan: _Plan, file_bounds: tuple[float, float, float, float], size: int, step: int
+) -> tuple[float, float, float, float] | None:
+    """The bounds of a scene's first strip of patch rows as :func:`_read_direct` will take
+    them from TorchGeo's grid, worked out from the reference file's header alone: the
+    arithmetic of :func:`_scene_grid` and of TorchGeo's ``GriddedPatchSampler`` over an
+    index of that one file. A guess: the reads compare it with the real bounds."""
+    from torchgeo.samplers.utils import convolution_arithmetic
+
+    left, bottom, right, top = file_bounds
+    rx, ry = plan.grid
+    width = math.floor((right - left) / rx + 1e-6)
+    height = math.floor((top - bottom) / ry + 1e-6)
+    try:
+        rows, cols, row0, col0 = patch_grid(height, width, size, step)
+    except DataError:
+        return None
+    top = bottom + height * ry
+    eps = 1e-3 * min(rx, ry)
+    x0, y1 = left + col0 * rx, top - row0 * ry
+    gx0, gy0 = x0 + eps, y1 - ((rows - 1) * step + size) * ry + eps
+    gx1, gy1 = x0 + ((cols - 1) * step + size) * rx - eps, y1 - eps
+    size_y, size_x, step_y, step_x = size * ry, size * rx, step * ry, step * rx
+    n_rows = convolution_arithmetic(gy1 - gy0, size_y, step_y)
+    n_cols = convolution_arithmetic(gx1 - gx0, size_x, step_x)
+    if (n_rows, n_cols) != (rows, cols):
+        return None
+    xmin = gx0 - (step_x * (n_cols - 1) + size_x - (gx1 - gx0)) / 2
+    ymin = gy0 - (step_y * (n_rows - 1) + size_y - (gy1 - gy0)) / 2
+    xmin = round((xmin - left) / rx) * rx + left
+    ymin = round((ymin - bottom) / ry) * ry + bottom
+    span = (cols - 1) * step + size
+    n = min(max(1, (max(size, _STRIP_PIXELS // span) - size) // step + 1), rows)
+    return (
+        float(xmin),
+        float(ymin + (rows - n) * step_y),
+        float(xmin + (cols - 1) * step_x + size_x),
+        float(ymin + (rows - 1) * step_y + size_y),
+    )
+
+
+def _read_early(
+    plans: Sequence[_Plan], handles: _Handles, size: int, step: int, readers: Any
+) -> dict[str, Any]:
+    """Start reading each band's first strip in the reader threads while TorchGeo indexes
+    the scenes (the files' headers are open already), as :func:`_read_direct` will read it
+    from TorchGeo's grid, up to a quarter of GDAL's block cache in all.
+
+    Returns:
+        file path -> future of an :class:`_Early` (None when not read).
+    """
+    from rasterio.enums import Resampling
+
+    def read(path: str, bounds: tuple[float, float, float, float], res: Any) -> _Early | None:
+        import rasterio
+
+        with handles.borrow(path) as src:
+            if src is None:
+                return None
+            try:
+                with rasterio.Env():
+                    data = _merge_read(src, bounds, res, None, Resampling.bilinear)
+            except Exception:  # the read proper reports it
+                return None
+            return _Early(src, bounds, res, Resampling.bilinear, data)
+
+    budget = GDAL_CACHE_BYTES // 4
+    early: dict[str, Any] = {}
+    for plan in plans:
+        scene = plan.probe.scene
+        if scene.file is not None:
+            continue  # its bands are read through one handle each: one early read helps little
+        with handles.borrow(scene.band_files[plan.reference_band]) as ref:
+            if ref is None:
+                break
+            bounds = _first_strip_bounds(plan, tuple(ref.bounds), size, step)
+        if bounds is None:
+            continue
+        pixels = (bounds[2] - bounds[0]) / plan.grid[0] * (bounds[3] - bounds[1]) / plan.grid[1]
+        for band in plan.bands:
+            budget -= int(pixels) * np.dtype(plan.probe.dtypes[band]).itemsize
+            if budget < 0:
+                return early
+            path = str(scene.band_files[band])
+            early[path] = readers.submit(read, path, bounds, plan.grid)
+    return early
+
+
+def _forget_early(early: dict[str, Any]) -> None:
+    """Cancel the early reads not started and wait for the others (they read kept handles,
+    which are closed next)."""
+    from concurrent.futures import wait
+
+    futures = list(early.values())
+    early.clear()
+    for future in futures:
+        future.cancel()
+    wait(futures)
+
+
 def _read_archive(
     root: str | Path,
     size: int,
@@ -1656,11 +1860,11 @@ def _read_archive(
     names = plans[0].bands
     dtype = _output_dtype(plans)
     workers = _default_workers() if num_workers is None else max(1, num_workers)
-    hashing: list[Any] = []
-    if block is None and workers > 1:
-        # The checksums need only the files: they run while TorchGeo indexes the scenes.
-        readers = _reader_pool(workers)
-        hashing = [readers.submit(sha256_file, p.source) for p in plans]
+    early: dict[str, Any] = {}
+    if block is None and workers > 1 and handles is not None:
+        # The reader threads start on the files while TorchGeo indexes the scenes.
+        cap_gdal_cache()
+        early = _read_early(plans, handles, size, step, _reader_pool(workers))
 
     t_import = time.perf_counter()
     dataset_classes()  # imports TorchGeo (seconds, once per process): not counted as reading
@@ -1672,8 +1876,7 @@ def _read_archive(
             grids.append(_scene_grid(dataset, plan, size, step))
             datasets.append(dataset)
     except BaseException:
-        for digest in hashing:
-            digest.cancel()  # those not started yet
+        _forget_early(early)
         raise
     counts = [p.rows * p.cols for p in plans]
     total = sum(counts)
@@ -1735,9 +1938,18 @@ def _read_archive(
     def frame_of_all() -> Any:
         # Built beside the pixel reads; on any failure, footprints() builds it again later.
         try:
-            return _footprint_frame(georefs_all, sources_all, windows_all)
+            frame = _footprint_frame(georefs_all, sources_all, windows_all)
         except Exception:
-            return None
+            return None, None
+        # A small pool's footprints.gpkg is written now, beside the reads, rather than by
+        # save() after them (a layer with a spatial index is left to save()).
+        if total < footprints_module.SPATIAL_INDEX_MIN_ROWS:
+            return frame, _prepare_footprints(frame)
+        return frame, None
+
+    def checksums_of_all() -> list[str]:
+        # Beside the pixel reads too: the files' bytes, not their pixels.
+        return [sha256_file(p.source) for p in plans]
 
     prebuilt: list[Any] = []
     bounds = np.cumsum([0, *counts])
@@ -1754,10 +1966,12 @@ def _read_archive(
                     options,
                     bar,
                     handles,
+                    early=early,
                     # A pool that reads from the tiles writes its footprints in chunks
                     # later (footprint_chunks): a million of them at once take gigabytes.
-                    extra=[frame_of_all] if keep_pixels else [],
+                    extra=[frame_of_all, checksums_of_all] if keep_pixels else [checksums_of_all],
                 )
+                checksums = prebuilt[-1]
             else:
                 with _one_torch_thread():
                     for k, (plan, dataset, grid) in enumerate(
@@ -1774,12 +1988,11 @@ def _read_archive(
                             options,
                             bar,
                         )
-            # The checksums: started beside the reads when there are reader threads.
-            for plan, digest in itertools.zip_longest(plans, hashing):
-                plan.checksum = sha256_file(plan.source) if digest is None else digest.result()
+                checksums = checksums_of_all()
+            for plan, checksum in zip(plans, checksums, strict=True):
+                plan.checksum = checksum
     finally:
-        for digest in hashing:
-            digest.cancel()  # after a failed read, those not started yet
+        _forget_early(early)
         # TorchGeo caches open file handles (and so every dataset) in a class-wide LRU
         # cache; empty it so the files are closed once the pool is read.
         from torchgeo.datasets import RasterDataset
@@ -1797,10 +2010,13 @@ def _read_archive(
     sources = sources_all if every else [sources_all[i] for i in kept.tolist()]
     scene_of = scene_all[kept].tolist()
     windows = windows_all[kept]
-    frame = prebuilt[0] if prebuilt and keep_pixels else None
+    frame, prepared = prebuilt[0] if keep_pixels and block is None else (None, None)
     if frame is not None and not every:
         frame = frame.iloc[kept].reset_index(drop=True)
         frame["patch_id"] = np.arange(len(frame), dtype=np.int64)
+        if prepared is not None:
+            prepared.discard()  # written for every window
+            prepared = None
     patches = out if kept.size == total or not keep_pixels else out[kept]
     band_mean = band_std = None
     if "sums" in options:
@@ -1824,6 +2040,7 @@ def _read_archive(
         report=report,
         layout=_layout(plans, datasets, grids, windows_all, bounds, scene_all[kept], options),
         _frame=frame,
+        prepared_footprints=prepared,
     )
 
 
