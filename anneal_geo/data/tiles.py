@@ -27,7 +27,10 @@ then read straight from the files it indexed, one big window per band and strip 
 rows (the whole scene for a Major TOM cell), with the very call TorchGeo reads with
 (``rasterio.merge.merge`` with its resampling, reduced to the resampled window read when
 nothing can be masked), and cut into patches with numpy. Threads (``num_workers``) read
-the bands and scenes in parallel; GDAL decodes and resamples without the GIL. Reading
+the bands and scenes in parallel; GDAL decodes and resamples without the GIL. With threads,
+each band's first strip is read while TorchGeo is still indexing the scene, with the bounds
+its grid will give worked out from the file header, and used only when it is exactly the
+read then due (:func:`_read_early`). Reading
 each patch through TorchGeo's ``__getitem__`` (a ``DataLoader`` over blocks of
 ``read_block x read_block`` patches; ``read_block=1``: each patch on its own) gives the
 same values, slower: TorchGeo spends about 1 ms of Python per band and read.
@@ -717,6 +720,8 @@ class TileRead:
         nan_free: whether the patches cannot hold NaN (integer sources).
         layout: where each kept patch lies in its scene's files (what a pool that reads
             its pixels from the tiles keeps).
+        prepared_footprints: ``footprints.gpkg`` of a small read, written beside the pixel
+            reads (:class:`PreparedFootprints`), or None.
     """
 
     patches: np.ndarray
