@@ -43,6 +43,29 @@ def cell_read():
     return read_tiles(CELL, 64, progress=False)
 
 
+def to_zone_47(
+    stack: np.ndarray, transform, crs, nodata: float | None = None
+) -> tuple[np.ndarray, object]:
+    """(bands, rows, cols) pixels on ``transform`` in ``crs``, warped to EPSG:32647 at 10 m
+    (nearest neighbour, 0 outside): the warped pixels and their transform."""
+    bounds = rasterio.transform.array_bounds(*stack.shape[1:], transform)
+    dst_transform, width, height = calculate_default_transform(
+        crs, "EPSG:32647", stack.shape[2], stack.shape[1], *bounds, resolution=10
+    )
+    warped = np.zeros((stack.shape[0], height, width), dtype=stack.dtype)
+    reproject(
+        stack,
+        warped,
+        src_transform=transform,
+        src_crs=crs,
+        dst_transform=dst_transform,
+        dst_crs="EPSG:32647",
+        resampling=Resampling.nearest,
+        dst_nodata=nodata,
+    )
+    return warped, dst_transform
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """Two scenes of the same place in two UTM zones: the Major TOM product (its 10 m bands
@@ -59,22 +82,8 @@ def archive(tmp_path_factory) -> Path:
         with rasterio.open(PRODUCT / f"{band}.tif") as src:
             arrays.append(src.read(1))
             profile, transform, crs = src.profile, src.transform, src.crs
-    stack = np.stack(arrays)
-    bounds = rasterio.transform.array_bounds(*stack.shape[1:], transform)
-    dst_transform, width, height = calculate_default_transform(
-        crs, "EPSG:32647", stack.shape[2], stack.shape[1], *bounds, resolution=10
-    )
-    warped = np.zeros((4, height, width), dtype=np.uint16)
-    reproject(
-        stack,
-        warped,
-        src_transform=transform,
-        src_crs=crs,
-        dst_transform=dst_transform,
-        dst_crs="EPSG:32647",
-        resampling=Resampling.nearest,
-        dst_nodata=0,
-    )
+    warped, dst_transform = to_zone_47(np.stack(arrays), transform, crs, nodata=0)
+    height, width = warped.shape[1:]
     profile.update(
         count=4, width=width, height=height, transform=dst_transform, crs="EPSG:32647", nodata=0
     )
@@ -280,24 +289,12 @@ def test_a_cloud_mask_in_another_crs_is_warped_by_torchgeo_in_every_build(tmp_pa
     with rasterio.open(PRODUCT / "cloud_mask.tif") as src:
         profile, mask, transform, crs = src.profile, src.read(1), src.transform, src.crs
     mask[:300, :250] = 1
-    bounds = rasterio.transform.array_bounds(*mask.shape, transform)
-    dst_transform, width, height = calculate_default_transform(
-        crs, "EPSG:32647", mask.shape[1], mask.shape[0], *bounds, resolution=10
-    )
-    moved = np.zeros((height, width), dtype=mask.dtype)
-    reproject(
-        mask,
-        moved,
-        src_transform=transform,
-        src_crs=crs,
-        dst_transform=dst_transform,
-        dst_crs="EPSG:32647",
-        resampling=Resampling.nearest,
-    )
+    moved, dst_transform = to_zone_47(mask[None], transform, crs)
+    height, width = moved.shape[1:]
     profile.update(width=width, height=height, transform=dst_transform, crs="EPSG:32647")
     mask_file = product / "cloud_mask.tif"
     with rasterio.open(mask_file, "w", **profile) as dst:
-        dst.write(moved, 1)
+        dst.write(moved[0], 1)
     tiles_module._NEEDS_WARP.clear()
     first = read_tiles(tmp_path / "cell", 64, progress=False)
     assert first.layout is not None and first.layout.warped == [str(mask_file)]
