@@ -254,13 +254,24 @@ def test_a_small_pool_saves_the_footprints_written_beside_its_reads(tmp_path) ->
     out (they may be changed) or patches were skipped, save() writes them itself; the
     temporary file goes with the pool."""
     import gc
+    import pickle
 
     from anneal_geo.data.footprints import read_footprints, write_footprints
 
     pool = PatchPool.from_tiles(CELL, 120, bands=TEN_M, progress=False, num_workers=2)
     prepared = pool._prepared_footprints.path
     assert prepared is not None and prepared.is_file()
+    # A pickled copy holds no file of its own, and going does not take the pool's.
+    copied = pickle.loads(pickle.dumps(pool))
+    assert copied._prepared_footprints is None
+    copied.save(tmp_path / "copy")
+    del copied
+    gc.collect()
+    assert prepared.is_file()
     pool.save(tmp_path / "a")
+    assert read_footprints(tmp_path / "copy" / "footprints.gpkg").equals(
+        read_footprints(tmp_path / "a" / "footprints.gpkg")
+    )
     written = read_footprints(tmp_path / "a" / "footprints.gpkg")
     write_footprints(pool.footprints, tmp_path / "direct.gpkg")  # hands them out
     assert not prepared.exists() and pool._prepared_footprints is None

@@ -873,6 +873,14 @@ class PreparedFootprints:
         self.path = None
         self._cleanup()
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # A pickled or deep-copied pool carries no file: its save() writes the footprints.
+        return _no_prepared_footprints, ()
+
+
+def _no_prepared_footprints() -> None:
+    return None
+
 
 def _prepare_footprints(frame: Any) -> PreparedFootprints | None:
     try:
