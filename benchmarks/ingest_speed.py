@@ -6,8 +6,10 @@ for several patch sizes:
 
 - ``pool``: ``PatchPool.from_tiles`` (TorchGeo RasterDataset index and GriddedPatchSampler
   grid, then one windowed read per band of the files TorchGeo indexed, in reader threads,
-  one per core) then ``pool.save`` (patches.npy, footprints.gpkg, pool.json), the path
-  ``anneal-geo pool build`` takes, without the cloud mask (the floor does not read it
+  one per core, the first strips started while TorchGeo indexes) then ``pool.save``
+  (patches.npy, footprints.gpkg, pool.json; a small pool's footprints.gpkg is written
+  during ``from_tiles``, beside the reads, and copied by ``save``: both are timed), the
+  path ``anneal-geo pool build`` takes, without the cloud mask (the floor does not read it
   either); ``pool + cloud mask`` with it (the default); ``pool, 1 worker``: the same in
   one thread (``num_workers=1``, ``--workers 1``);
 - ``pool, read_block=1``: one TorchGeo ``__getitem__`` per patch, through a DataLoader;
