@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -1029,6 +1029,54 @@ class _Grid:
         )
 
 
+class _Region(NamedTuple):
+    """A scene's whole-patch grid worked out from its bounds (see :func:`_patch_region`)."""
+
+    width: int  # whole pixels at the grid's resolution
+    height: int
+    rows: int  # patch rows and columns; 0 when the patch is larger than the scene
+    cols: int
+    top: float  # the pixel grid's top edge, counted from the bottom
+    x0: float  # the first patch's west and north edges
+    y1: float
+    roi: tuple[float, float, float, float]  # the grid shrunk by a hair (west, south, east, north)
+
+
+def _patch_region(
+    bounds: tuple[float, float, float, float], res: tuple[float, float], size: int, stride: int
+) -> _Region:
+    """The whole-patch grid (:func:`patch_grid`) over ``bounds`` at ``res``, and the region
+    of interest that makes TorchGeo's sampler yield exactly that grid: the grid shrunk by a
+    hair, so the sampler's ceil() cannot add a row."""
+    left, bottom, right, top = bounds
+    rx, ry = res
+    # Whole pixels at (rx, ry), counted from the bottom-left corner, where the sampler
+    # anchors its grid (the same as the file's grid when read at its own resolution).
+    width = math.floor((right - left) / rx + 1e-6)
+    height = math.floor((top - bottom) / ry + 1e-6)
+    top = float(bottom + height * ry)
+    try:
+        rows, cols, row0, col0 = patch_grid(height, width, size, stride)
+    except DataError:
+        return _Region(width, height, 0, 0, top, left, top, (left, bottom, left, top))
+    eps = 1e-3 * min(rx, ry)
+    x0, y1 = left + col0 * rx, top - row0 * ry
+    roi = (
+        x0 + eps,
+        y1 - ((rows - 1) * stride + size) * ry + eps,
+        x0 + ((cols - 1) * stride + size) * rx - eps,
+        y1 - eps,
+    )
+    return _Region(width, height, rows, cols, top, x0, y1, roi)
+
+
+def _strip_rows(cols: int, size: int, step: int) -> int:
+    """Patch rows read in one window per band: about ``_STRIP_PIXELS`` pixels, at least one
+    row."""
+    width = (cols - 1) * step + size
+    return max(1, (max(size, _STRIP_PIXELS // width) - size) // step + 1)
+
+
 def _scene_grid(dataset: Any, plan: _Plan, size: int, stride: int) -> _Grid:
     """The sampler's patch grid on a (rows x cols) grid, north-west patch first.
 
@@ -1042,29 +1090,15 @@ def _scene_grid(dataset: Any, plan: _Plan, size: int, stride: int) -> _Grid:
 
     xs, ys, _ = dataset.bounds
     rx, ry = dataset.res
-    # Whole pixels at (rx, ry), counted from the bottom-left corner, where the sampler
-    # anchors its grid (the same as the file's grid when read at its own resolution).
-    width = math.floor((xs.stop - xs.start) / rx + 1e-6)
-    height = math.floor((ys.stop - ys.start) / ry + 1e-6)
-    plan.left, plan.top = float(xs.start), float(ys.start + height * ry)
-    try:
-        rows, cols, row0, col0 = patch_grid(height, width, size, stride)
-    except DataError:
+    region = _patch_region((xs.start, ys.start, xs.stop, ys.stop), (rx, ry), size, stride)
+    plan.left, plan.top = float(xs.start), region.top
+    if region.rows == 0:
         raise DataError(
             f"patch size {size} px is larger than scene {plan.probe.scene.name} "
-            f"({width}x{height} px at {rx:g} m); use a smaller --patch-size"
-        ) from None
-    # A region of interest exactly over the whole-patch grid, shrunk by a hair so the
-    # sampler's ceil() cannot add a row: the sampler then yields exactly this grid.
-    eps = 1e-3 * min(rx, ry)
-    x0 = plan.left + col0 * rx
-    y1 = plan.top - row0 * ry
-    roi = shapely.box(
-        x0 + eps,
-        y1 - ((rows - 1) * stride + size) * ry + eps,
-        x0 + ((cols - 1) * stride + size) * rx - eps,
-        y1 - eps,
-    )
+            f"({region.width}x{region.height} px at {rx:g} m); use a smaller --patch-size"
+        )
+    rows, cols, x0, y1 = region.rows, region.cols, region.x0, region.y1
+    roi = shapely.box(*region.roi)
     sampler = GriddedPatchSampler(dataset, size=size, stride=stride, roi=roi)
     samples = iter(sampler)
     first = list(itertools.islice(samples, cols + (1 if rows > 1 else 0)))
@@ -1403,8 +1437,7 @@ def _read_direct(
     strips: list[list[_Strip]] = []
     tasks: list[tuple[int, int | None]] = []  # (scene, channel or None for the mask)
     for k, (plan, dataset, grid) in enumerate(zip(plans, datasets, grids, strict=True)):
-        width = (plan.cols - 1) * step + size
-        per_strip = max(1, (max(size, _STRIP_PIXELS // width) - size) // step + 1)
+        per_strip = _strip_rows(plan.cols, size, step)
         masked = dataset.__class__.__name__ == "IntersectionDataset"
         pending = len(plan.bands) + int(masked)
         scene_strips = []
@@ -1742,19 +1775,13 @@ def _first_strip_bounds(
     index of that one file. A guess: the reads compare it with the real bounds."""
     from torchgeo.samplers.utils import convolution_arithmetic
 
-    left, bottom, right, top = file_bounds
+    left, bottom = file_bounds[:2]
     rx, ry = plan.grid
-    width = math.floor((right - left) / rx + 1e-6)
-    height = math.floor((top - bottom) / ry + 1e-6)
-    try:
-        rows, cols, row0, col0 = patch_grid(height, width, size, step)
-    except DataError:
+    region = _patch_region(file_bounds, plan.grid, size, step)
+    if region.rows == 0:
         return None
-    top = bottom + height * ry
-    eps = 1e-3 * min(rx, ry)
-    x0, y1 = left + col0 * rx, top - row0 * ry
-    gx0, gy0 = x0 + eps, y1 - ((rows - 1) * step + size) * ry + eps
-    gx1, gy1 = x0 + ((cols - 1) * step + size) * rx - eps, y1 - eps
+    rows, cols = region.rows, region.cols
+    gx0, gy0, gx1, gy1 = region.roi
     size_y, size_x, step_y, step_x = size * ry, size * rx, step * ry, step * rx
     n_rows = convolution_arithmetic(gy1 - gy0, size_y, step_y)
     n_cols = convolution_arithmetic(gx1 - gx0, size_x, step_x)
@@ -1764,8 +1791,7 @@ def _first_strip_bounds(
     ymin = gy0 - (step_y * (n_rows - 1) + size_y - (gy1 - gy0)) / 2
     xmin = round((xmin - left) / rx) * rx + left
     ymin = round((ymin - bottom) / ry) * ry + bottom
-    span = (cols - 1) * step + size
-    n = min(max(1, (max(size, _STRIP_PIXELS // span) - size) // step + 1), rows)
+    n = min(_strip_rows(cols, size, step), rows)
     return (
         float(xmin),
         float(ymin + (rows - n) * step_y),
@@ -1914,8 +1940,7 @@ def _read_archive(
             options["squares"] = np.zeros((total, len(names)), dtype=np.int64)
         reads = 0
         for plan, dataset in zip(plans, datasets, strict=True):
-            width = (plan.cols - 1) * step + size
-            per_strip = max(1, (max(size, _STRIP_PIXELS // width) - size) // step + 1)
+            per_strip = _strip_rows(plan.cols, size, step)
             masked = dataset.__class__.__name__ == "IntersectionDataset"
             reads += math.ceil(plan.rows / per_strip) * (len(plan.bands) + int(masked))
     else:
