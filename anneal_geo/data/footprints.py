@@ -7,6 +7,8 @@ zones can be queried together.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ from anneal_geo.errors import DataError
 __all__ = [
     "COLUMNS",
     "LAYER",
+    "PreparedFootprints",
     "build_footprints",
     "footprint_bounds",
     "footprint_ids_intersecting",
+    "prepare_footprints",
     "read_footprint_rows",
     "read_footprints",
     "write_footprint_chunks",
@@ -142,6 +146,52 @@ def write_footprints(footprints: Any, path: Path) -> None:
     """Write footprints to a GeoPackage (pyogrio), layer ``footprints``; no spatial index
     below :data:`SPATIAL_INDEX_MIN_ROWS` rows."""
     _write_frame(footprints, path, spatial_index=len(footprints) >= SPATIAL_INDEX_MIN_ROWS)
+
+
+def _remove_folder(folder: str, owner: int) -> None:
+    if os.getpid() == owner:  # not from a forked child, whose parent still uses it
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class PreparedFootprints:
+    """A footprints GeoPackage written ahead, beside the pixel reads, in a temporary folder
+    (removed with this object, or at exit): ``PatchPool.save`` copies it rather than writing
+    the same frame again, while the frame has not been handed out (see
+    ``PatchPool.footprints``)."""
+
+    def __init__(self, frame: Any) -> None:
+        import tempfile
+        import weakref
+
+        folder = tempfile.mkdtemp(prefix="anneal-footprints-")
+        self.path: Path | None = Path(folder) / "footprints.gpkg"
+        self._cleanup = weakref.finalize(self, _remove_folder, folder, os.getpid())
+        try:
+            write_footprints(frame, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the file now (it no longer matches the pool's footprints)."""
+        self.path = None
+        self._cleanup()
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # A pickled or deep-copied pool carries no file: its save() writes the footprints.
+        return _no_prepared_footprints, ()
+
+
+def _no_prepared_footprints() -> None:
+    return None
+
+
+def prepare_footprints(frame: Any) -> PreparedFootprints | None:
+    """:class:`PreparedFootprints` of ``frame``, or None when they cannot be written."""
+    try:
+        return PreparedFootprints(frame)
+    except Exception:  # no temporary folder, say: save() writes the frame itself
+        return None
 
 
 def write_footprint_chunks(

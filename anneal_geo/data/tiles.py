@@ -49,7 +49,6 @@ import itertools
 import math
 import os
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -721,7 +720,7 @@ class TileRead:
         layout: where each kept patch lies in its scene's files (what a pool that reads
             its pixels from the tiles keeps).
         prepared_footprints: ``footprints.gpkg`` of a small read, written beside the pixel
-            reads (:class:`PreparedFootprints`), or None.
+            reads (:class:`~anneal_geo.data.footprints.PreparedFootprints`), or None.
     """
 
     patches: np.ndarray
@@ -738,7 +737,9 @@ class TileRead:
     nan_free: bool = False
     layout: TileLayout | None = None
     _frame: Any = field(default=None, repr=False, compare=False)
-    prepared_footprints: PreparedFootprints | None = field(default=None, repr=False, compare=False)
+    prepared_footprints: footprints_module.PreparedFootprints | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def footprints(self) -> Any:
         """The footprints GeoDataFrame (the columns of :mod:`anneal_geo.data.footprints`):
@@ -842,51 +843,6 @@ class TileLayout:
     grids: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     scene: np.ndarray
     warped: list[str]
-
-
-def _remove_folder(folder: str, owner: int) -> None:
-    if os.getpid() == owner:  # not from a forked child, whose parent still uses it
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class PreparedFootprints:
-    """A footprints GeoPackage written ahead, beside the pixel reads, in a temporary folder
-    (removed with this object, or at exit): ``PatchPool.save`` copies it rather than writing
-    the same frame again, while the frame has not been handed out (see
-    ``PatchPool.footprints``)."""
-
-    def __init__(self, frame: Any) -> None:
-        import tempfile
-        import weakref
-
-        folder = tempfile.mkdtemp(prefix="anneal-footprints-")
-        self.path: Path | None = Path(folder) / "footprints.gpkg"
-        self._cleanup = weakref.finalize(self, _remove_folder, folder, os.getpid())
-        try:
-            footprints_module.write_footprints(frame, self.path)
-        except BaseException:
-            self.discard()
-            raise
-
-    def discard(self) -> None:
-        """Remove the file now (it no longer matches the pool's footprints)."""
-        self.path = None
-        self._cleanup()
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        # A pickled or deep-copied pool carries no file: its save() writes the footprints.
-        return _no_prepared_footprints, ()
-
-
-def _no_prepared_footprints() -> None:
-    return None
-
-
-def _prepare_footprints(frame: Any) -> PreparedFootprints | None:
-    try:
-        return PreparedFootprints(frame)
-    except Exception:  # no temporary folder, say: save() writes the frame itself
-        return None
 
 
 def _footprint_frame(
@@ -1982,7 +1938,7 @@ def _read_archive(
         # A small pool's footprints.gpkg is written now, beside the reads, rather than by
         # save() after them (a layer with a spatial index is left to save()).
         if total < footprints_module.SPATIAL_INDEX_MIN_ROWS:
-            return frame, _prepare_footprints(frame)
+            return frame, footprints_module.prepare_footprints(frame)
         return frame, None
 
     def checksums_of_all() -> list[str]:
